@@ -1,0 +1,40 @@
+# push-relay: every command sets up its own virtual environment (.venv) on first use.
+#   make demo    the relay against the bundled fake providers, printing what each received
+#   make test    the whole test suite (what CI runs)
+#   make check   format, lint, types and tests
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed-stamp
+
+.PHONY: demo test check lint types format proto
+
+$(STAMP): pyproject.toml constraints.txt
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check --upgrade pip
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -c constraints.txt -e '.[dev]'
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/push-relay demo
+
+test: $(STAMP)
+	$(BIN)/python -m pytest
+
+lint: $(STAMP)
+	$(BIN)/ruff format --check relay adapters tests bench
+	$(BIN)/ruff check relay adapters tests bench
+
+types: $(STAMP)
+	$(BIN)/mypy
+
+format: $(STAMP)
+	$(BIN)/ruff format relay adapters tests bench
+	$(BIN)/ruff check --fix relay adapters tests bench
+
+check: lint types test
+
+# Regenerate the committed API code from proto/ (a test fails when it is stale).
+proto: $(STAMP)
+	PATH=$(BIN):$$PATH $(BIN)/python -m grpc_tools.protoc -Iproto --python_out=proto --grpc_python_out=proto \
+		--mypy_out=proto --mypy_grpc_out=proto proto/pushrelay/v1/relay.proto
