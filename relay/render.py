@@ -1,0 +1,284 @@
+"""Rendering: one :class:`~relay.model.Message` into one provider :class:`~adapters.base.Push`.
+
+What each privacy mode lets the provider read is DESIGN §4. Every platform carries the same
+custom data object, ``relay``::
+
+    {"v": 1, "kind": "instant_message", "conversation_id": "…", "badge": 3}
+
+``conversation_id`` is the raw id (the app needs it to open the conversation) and is left out
+when empty; ``badge`` is there when a badge is set, except in ``ID_ONLY``, which carries kind and
+conversation id only. Grouping keys that providers read are :class:`GroupingKeys` HMACs.
+
+Payload shapes (``FULL``: title = sender, body = preview; ``REDACTED``: no title, body = the
+English fallback, plus the localizable key; ``ID_ONLY``: no alert at all):
+
+- APNs: ``{"aps": {"alert": {"title", "body", "loc-key", "loc-args"}, "sound": "default",
+  "badge", "thread-id"}, "relay": {…}}``; ``ID_ONLY`` is ``{"aps": {"content-available": 1},
+  "relay": {…}}`` with ``Push.background``.
+- FCM (the v1 ``message`` without its target): ``{"notification": {"title", "body"},
+  "android": {"priority", "ttl": "<n>s", "collapse_key", "notification": {"tag",
+  "body_loc_key", "body_loc_args", "notification_count"}}, "data": {"relay": "<JSON>"}}``. FCM
+  data values must be strings, so ``data.relay`` is the relay object as one compact JSON string:
+  Android parses the same object iOS and the web get. ``ID_ONLY`` is data-only, at the
+  kind's priority (``high``; ``normal`` for ``MESSAGE_WAITING``, as in every mode).
+- Web Push: the bytes of ``{"relay": {…}, "title", "body", "loc_key", "loc_args"}`` (the service
+  worker's document; ``ID_ONLY`` is ``{"relay": {…}}``); Urgency from ``Push.high_priority``,
+  Topic from ``Push.collapse_key``.
+
+A ``MESSAGE_WAITING`` count of 0 only clears the badge: no alert (an alert saying "0 new
+voicemails" would be noise), so APNs gets a badge-only push and FCM and Web Push a data-only one.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+from collections.abc import Mapping
+from dataclasses import dataclass
+from types import MappingProxyType
+from typing import Any, Literal
+
+from adapters.base import DeviceKeys, Push, encode_json
+from relay import _payloads
+from relay._payloads import Alert, Envelope
+from relay._truncate import fit_pair
+from relay.model import Kind, Message, Privacy
+
+EXPOSURE: Mapping[Privacy, int] = MappingProxyType(
+    {Privacy.FULL: 3, Privacy.REDACTED: 2, Privacy.ENCRYPTED: 2, Privacy.ID_ONLY: 1}
+)
+"""How much each mode exposes to the provider; a ceiling caps by this order."""
+
+LIMIT_BYTES: Mapping[str, int] = MappingProxyType(
+    {
+        "apns": 4096,
+        "fcm": 4096,  # the whole message object, keys included
+        # RFC 8291 allows 3993 bytes of plaintext; the margin leaves room for the padding of
+        # ENCRYPTED's size buckets and any later envelope.
+        "webpush": 3000,
+    }
+)
+"""Each platform's limit on the encoded payload, in bytes."""
+
+MAX_TTL_SECONDS = 2_419_200  # FCM's maximum (4 weeks); APNs and Web Push accept more
+GROUPING_KEY_CHARS = 32  # fits APNs collapse-id (64 bytes) and the Web Push Topic (32 chars)
+_MIN_SECRET_BYTES = 16
+
+
+def effective_privacy(
+    requested: Privacy | None,
+    default: Privacy,
+    maximum: Privacy,
+    *,
+    has_keys: bool,
+    encrypted_available: bool = False,
+) -> Privacy:
+    """The privacy mode a device is served in.
+
+    Args:
+        requested: the mode the request asked for; None for the app's default.
+        default: the app's default mode.
+        maximum: the app's ceiling: nothing more exposing (by :data:`EXPOSURE`) is served.
+        has_keys: whether the device sent encryption keys.
+        encrypted_available: whether ``ENCRYPTED`` rendering exists yet.
+
+    Returns:
+        The requested (or default) mode, lowered to ``maximum`` when it exposes more;
+        ``ENCRYPTED`` that cannot be served becomes ``REDACTED``, so plaintext never leaves.
+    """
+    mode = default if requested is None else requested
+    if EXPOSURE[mode] > EXPOSURE[maximum]:
+        mode = maximum
+    if mode is Privacy.ENCRYPTED and not (has_keys and encrypted_available):
+        mode = Privacy.REDACTED
+    return mode
+
+
+class GroupingKeys:
+    """Keyed grouping keys, so providers group a conversation's pushes without learning its id.
+
+    Each key is HMAC-SHA256(secret, purpose NUL conversation_id), cut to 24 bytes and written as
+    32 characters of URL-safe base64 without padding. The same secret gives the same keys on
+    every replica; a different purpose gives an unrelated key for the same conversation.
+    """
+
+    __slots__ = ("_secret",)
+
+    def __init__(self, secret: bytes) -> None:
+        """Use ``secret`` (at least 16 bytes, e.g. 32 random bytes) as the HMAC key."""
+        if len(secret) < _MIN_SECRET_BYTES:
+            raise ValueError(f"grouping secret: at least {_MIN_SECRET_BYTES} bytes")
+        self._secret = secret
+
+    def for_conversation(self, conversation_id: str, *, purpose: str = "thread") -> str:
+        """The grouping key of ``conversation_id`` for ``purpose`` (thread, a kind's collapse)."""
+        if "\x00" in purpose:  # NUL separates purpose from id; one inside would be ambiguous
+            raise ValueError("purpose: must not contain NUL")
+        data = purpose.encode() + b"\x00" + conversation_id.encode()
+        digest = hmac.new(self._secret, data, hashlib.sha256).digest()
+        return base64.urlsafe_b64encode(digest[: GROUPING_KEY_CHARS * 3 // 4]).decode()
+
+    def __repr__(self) -> str:
+        return "GroupingKeys(<secret>)"
+
+
+Collapse = Literal["never", "per_conversation", "always"]
+
+
+@dataclass(frozen=True, slots=True)
+class _Policy:
+    ttl_seconds: int
+    high_priority: bool
+    collapse: Collapse
+    generic: Alert  # the REDACTED alert (MESSAGE_WAITING: unused, its alert is the count)
+
+
+_POLICIES: Mapping[Kind, _Policy] = {
+    Kind.INSTANT_MESSAGE: _Policy(3600, True, "never", Alert("", "New message", "INSTANT_MESSAGE")),
+    # An invitation is stale within minutes; a newer one for the same conversation replaces it.
+    Kind.INVITATION: _Policy(
+        120, True, "per_conversation", Alert("", "New invitation", "INVITATION")
+    ),
+    # An ordinary alert, never VoIP: iOS kills apps that get a VoIP push without ringing.
+    Kind.MISSED_CALL: _Policy(86400, True, "never", Alert("", "Missed call", "MISSED_CALL")),
+    # A count: only the newest matters, and it is not urgent.
+    Kind.MESSAGE_WAITING: _Policy(
+        86400, False, "always", Alert("", "New voicemail", "MESSAGE_WAITING")
+    ),
+}
+
+
+def render(
+    message: Message,
+    platform: str,
+    privacy: Privacy,
+    *,
+    token: str,
+    keys: DeviceKeys | None,
+    grouping: GroupingKeys,
+    push_id: str = "",
+) -> Push:
+    """Render ``message`` for one device.
+
+    Args:
+        message: the notification.
+        platform: ``apns``, ``fcm`` or ``webpush``.
+        privacy: the effective mode (see :func:`effective_privacy`).
+        token: the device address, passed through to the push.
+        keys: the device's encryption keys, passed through to the push.
+        grouping: the grouping-key HMACs.
+        push_id: a fresh id for this push, passed through.
+
+    Returns:
+        The push, its payload within the platform's limit (:data:`LIMIT_BYTES`): the preview is
+        cut first, then the sender, on grapheme-cluster boundaries, each ending in an ellipsis.
+
+    Raises:
+        NotImplementedError: ``privacy`` is ``ENCRYPTED`` (a later issue).
+        ValueError: unknown platform, or a payload that cannot fit even with sender and preview
+            cut (only a conversation id far over the API's 256 bytes can cause that).
+    """
+    if privacy is Privacy.ENCRYPTED:
+        raise NotImplementedError("ENCRYPTED rendering is not implemented yet")
+    if platform not in _payloads.BUILDERS:
+        raise ValueError(f"platform: unknown platform {platform!r}")
+    env = _envelope(message, privacy, grouping)
+    payload, background = _fitted(message, privacy, platform, env)
+    return Push(
+        token=token,
+        payload=encode_json(payload) if platform == "webpush" else payload,
+        background=background,
+        high_priority=env.high_priority,
+        ttl_seconds=env.ttl_seconds,
+        collapse_key=env.collapse,
+        keys=keys,
+        push_id=push_id,
+    )
+
+
+def _fitted(message: Message, privacy: Privacy, platform: str, env: Envelope) -> _payloads.Built:
+    build, limit = _payloads.BUILDERS[platform], LIMIT_BYTES[platform]
+
+    def size_of(sender: str, preview: str) -> int:
+        payload, _ = build(env, _alert(message, privacy, sender, preview))
+        return len(encode_json(payload))
+
+    # Only FULL shows sender and preview; other modes never see them, so they cannot leak.
+    texts = (message.sender, message.preview) if privacy is Privacy.FULL else ("", "")
+    fitted = fit_pair(size_of, *texts, limit)
+    if fitted is None:
+        raise ValueError(f"payload: over the {platform} limit of {limit} bytes")
+    return build(env, _alert(message, privacy, *fitted))
+
+
+def _envelope(message: Message, privacy: Privacy, grouping: GroupingKeys) -> Envelope:
+    policy = _POLICIES[message.kind]
+    silent = privacy is Privacy.ID_ONLY
+    badge = None if silent else _badge(message)
+    cid = message.conversation_id
+    return Envelope(
+        relay=_relay_object(message, badge),
+        thread=grouping.for_conversation(cid) if cid else "",
+        collapse=_collapse_key(message, policy.collapse, grouping),
+        badge=badge,
+        ttl_seconds=_ttl(message, policy),
+        high_priority=policy.high_priority,
+        silent=silent,
+    )
+
+
+def _relay_object(message: Message, badge: int | None) -> dict[str, Any]:
+    relay: dict[str, Any] = {"v": 1, "kind": message.kind.name.lower()}
+    if message.conversation_id:
+        relay["conversation_id"] = message.conversation_id
+    if badge is not None:
+        relay["badge"] = badge
+    return relay
+
+
+def _badge(message: Message) -> int | None:
+    if message.kind is Kind.MESSAGE_WAITING:
+        return message.waiting_count  # always set: 0 clears the badge
+    return message.badge or None
+
+
+def _collapse_key(message: Message, collapse: Collapse, grouping: GroupingKeys) -> str:
+    # The purpose is the kind, so an invitation never replaces a message-waiting push (or the
+    # reverse) under a shared Web Push Topic or FCM collapse key.
+    purpose = message.kind.name.lower()
+    if collapse == "always" or (collapse == "per_conversation" and message.conversation_id):
+        return grouping.for_conversation(message.conversation_id, purpose=purpose)
+    return ""
+
+
+def _ttl(message: Message, policy: _Policy) -> int:
+    if message.ttl_seconds > 0:
+        return min(message.ttl_seconds, MAX_TTL_SECONDS)
+    return policy.ttl_seconds
+
+
+def _alert(message: Message, privacy: Privacy, sender: str, preview: str) -> Alert | None:
+    """What the user sees in ``privacy``, with ``sender`` and ``preview`` as fitted."""
+    if privacy is Privacy.ID_ONLY:
+        return None
+    if message.kind is Kind.MESSAGE_WAITING:
+        return _waiting_alert(message.waiting_count)
+    full = _full_alert(message.kind, sender, preview) if privacy is Privacy.FULL else None
+    # FULL with nothing to show (no sender, no preview) still needs a visible alert.
+    return full or _POLICIES[message.kind].generic
+
+
+def _full_alert(kind: Kind, sender: str, preview: str) -> Alert | None:
+    if kind is Kind.MISSED_CALL:
+        if not sender:
+            return None
+        return Alert("", f"Missed call from {sender}", "MISSED_CALL", (sender,))
+    return Alert(sender, preview) if sender or preview else None
+
+
+def _waiting_alert(count: int) -> Alert | None:
+    if count == 0:
+        return None
+    noun = "voicemail" if count == 1 else "voicemails"
+    return Alert("", f"{count} new {noun}", "MESSAGE_WAITING", (str(count),))
