@@ -1,0 +1,310 @@
+"""FCM HTTP v1 adapter: ``messages:send`` over one long-lived HTTP/2 ``httpx`` client per app.
+
+The relay renders the v1 ``message`` object without its target (``relay/render.py``); this
+adapter adds the target (``token``, or ``fid`` for a device token written ``fid:<id>``), fills
+``android.priority``/``ttl``/``collapse_key`` from the :class:`~adapters.base.Push` only where the
+payload lacks them, and POSTs ``{"message": …}`` with an OAuth2 access token from the service
+account (``adapters/_google_oauth.py``).
+
+How answers become outcomes (providers.md §2.3, §6). The FCM ``errorCode`` detail decides, not
+the HTTP status alone, so that a misconfigured project (404 without ``UNREGISTERED``) never
+tells the caller to delete every token:
+
+- 200 → ``DELIVERED``, the message ``name`` as ``provider_message_id``;
+- 404 ``UNREGISTERED``, 403 ``SENDER_ID_MISMATCH``, and 400 ``INVALID_ARGUMENT`` saying "The
+  registration token is not a valid FCM registration token" → ``TOKEN_INVALID``;
+- 429 → ``RATE_LIMITED`` after ``Retry-After`` (60 s when absent, Google's minimum backoff);
+- 5xx, a lost connection, a timeout → ``UNAVAILABLE``, retryable (the relay's wrapper retries);
+- 401 without an FCM code (our access token refused) → refresh it and send once more; a second
+  401 → ``REJECTED``;
+- any other 4xx (a bad message, 401 ``THIRD_PARTY_AUTH_ERROR``) → ``REJECTED``;
+- the token endpoint refusing the grant → ``REJECTED`` (``OAUTH_INVALID_GRANT``, …); the token
+  endpoint unreachable or failing → ``UNAVAILABLE``, retryable.
+
+Nothing logged carries a device token, an access token, a URL or key material.
+"""
+
+from __future__ import annotations
+
+import email.utils
+import logging
+import math
+import ssl
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import quote
+
+import httpx
+
+from adapters._google_oauth import (
+    DEFAULT_REFRESH_MARGIN_SECONDS,
+    OAuthError,
+    ServiceAccountKey,
+    TokenSource,
+    json_object,
+)
+from adapters.base import Adapter, Outcome, Push, Verdict, encode_json
+
+log = logging.getLogger("adapters.fcm")
+
+FCM_BASE_URL = "https://fcm.googleapis.com"
+FID_PREFIX = "fid:"
+FCM_ERROR_TYPE = "type.googleapis.com/google.firebase.fcm.v1.FcmError"
+INVALID_TOKEN_MESSAGE = "not a valid fcm registration token"  # lower-cased, matched inside
+QUOTA_DEFAULT_RETRY_SECONDS = 60  # Google: back off at least a minute after QUOTA_EXCEEDED
+_MAX_RETRY_AFTER_SECONDS = 24 * 3600
+_TIMEOUT = httpx.Timeout(30.0, connect=10.0)  # the relay's deadline is usually far shorter
+
+
+@dataclass(frozen=True, slots=True)
+class FcmSettings:
+    """One Android app's FCM settings, as ``relay/config.py`` builds them.
+
+    ``service_account`` is the parsed service-account JSON (``project_id``, ``private_key``,
+    ``private_key_id``, ``client_email``, ``token_uri``); the access token is fetched from its
+    ``token_uri`` and held in memory only.
+    """
+
+    app_id: str
+    service_account: Mapping[str, Any] = field(repr=False)
+    endpoint: str = ""  # https://host:port; empty = https://fcm.googleapis.com
+    ca_pem: bytes = b""  # extra trust anchors for the endpoint and token_uri (PEM)
+    proxy: str = ""
+    # Refresh the access token this long before it expires (capped at half its lifetime).
+    token_refresh_margin_seconds: float = DEFAULT_REFRESH_MARGIN_SECONDS
+
+
+@dataclass(frozen=True, slots=True)
+class _Answer:
+    """The parts of an FCM response that classification reads."""
+
+    status: int
+    error_code: str  # FcmError errorCode, "" when absent
+    rpc_status: str  # google.rpc status name, "" when absent
+    message: str
+    name: str
+    retry_after: int | None
+
+    @classmethod
+    def of(cls, response: httpx.Response) -> _Answer:
+        body = json_object(response)
+        error = body.get("error")
+        error = error if isinstance(error, dict) else {}
+        return cls(
+            status=response.status_code,
+            error_code=_fcm_error_code(error),
+            rpc_status=_str(error.get("status")),
+            message=_str(error.get("message")),
+            name=_str(body.get("name")),
+            retry_after=_retry_after(response.headers.get("retry-after")),
+        )
+
+    @property
+    def reason(self) -> str:
+        return self.error_code or self.rpc_status or f"HTTP_{self.status}"
+
+    @property
+    def oauth_refused(self) -> bool:
+        """A 401 about our access token (an FCM code such as THIRD_PARTY_AUTH_ERROR is not)."""
+        return self.status == 401 and not self.error_code
+
+
+class FcmAdapter(Adapter[FcmSettings]):
+    """Sends pushes for one app through FCM HTTP v1.
+
+    Build it with :meth:`create` inside the running loop; it owns its HTTP/2 client unless one
+    was injected.
+    """
+
+    platform = "fcm"
+
+    def __init__(
+        self,
+        settings: FcmSettings,
+        key: ServiceAccountKey,
+        client: httpx.AsyncClient,
+        *,
+        owns_client: bool,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._app_id = settings.app_id
+        self._client = client
+        self._owns_client = owns_client
+        self._closed = False
+        base = (settings.endpoint or FCM_BASE_URL).rstrip("/")
+        self._url = f"{base}/v1/projects/{quote(key.project_id, safe='')}/messages:send"
+        self._tokens = TokenSource(
+            key,
+            client,
+            app_id=settings.app_id,
+            refresh_margin_seconds=settings.token_refresh_margin_seconds,
+            clock=clock,
+        )
+
+    @classmethod
+    async def create(
+        cls,
+        settings: FcmSettings,
+        *,
+        client: httpx.AsyncClient | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> FcmAdapter:
+        """Check the service account and open the HTTP/2 client (no request is made yet).
+
+        Args:
+            settings: the app's settings.
+            client: an HTTP client to use instead of building one (the caller closes it).
+            clock: a monotonic clock for token expiry (tests move it forward).
+
+        Raises:
+            ValueError: the service account is unusable; the message names the app and the
+                field, never a value.
+        """
+        try:
+            key = ServiceAccountKey.from_info(settings.service_account)
+        except ValueError as exc:
+            raise ValueError(f"app {settings.app_id!r}: {exc}") from None
+        owns = client is None
+        if client is None:
+            client = _client(settings)
+        return cls(settings, key, client, owns_client=owns, clock=clock)
+
+    @property
+    def ready(self) -> bool:
+        """True until :meth:`aclose`."""
+        return not self._closed
+
+    async def send(self, push: Push) -> Outcome:
+        """POST one message; a 401 on our access token refreshes it and sends once more."""
+        if self._closed:
+            return Outcome.unavailable("AdapterClosed", retryable=False)
+        body = encode_json({"message": _message(push)})
+        try:
+            answer = await self._post(body)
+            if answer.oauth_refused:
+                answer = await self._post(body)  # _post has dropped the refused token
+                if answer.oauth_refused:
+                    log.warning(
+                        "fcm refused a fresh access token",
+                        extra={"app": self._app_id, "reason": answer.reason},
+                    )
+        except OAuthError as exc:
+            verdict = Verdict.UNAVAILABLE if exc.retryable else Verdict.REJECTED
+            return Outcome(verdict, exc.reason, retryable=exc.retryable)
+        except httpx.TimeoutException:
+            return Outcome.unavailable("Timeout")
+        except httpx.RequestError:  # connection lost or refused, TLS, proxy, bad encoding
+            return Outcome.unavailable("ConnectionError")
+        if answer.error_code == "THIRD_PARTY_AUTH_ERROR":
+            # The APNs/Web Push credential uploaded to Firebase is wrong: operators must act.
+            log.warning("fcm reports a third-party auth error", extra={"app": self._app_id})
+        return _classify(answer)
+
+    async def aclose(self) -> None:
+        """Stop refreshing and close the HTTP client (if this adapter built it); idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        await self._tokens.aclose()
+        if self._owns_client:
+            await self._client.aclose()
+
+    async def _post(self, body: bytes) -> _Answer:
+        token = await self._tokens.get()
+        response = await self._client.post(
+            self._url,
+            content=body,
+            headers={"authorization": f"Bearer {token}", "content-type": "application/json"},
+        )
+        answer = _Answer.of(response)
+        if answer.oauth_refused:
+            self._tokens.invalidate(token)
+        return answer
+
+
+def _classify(answer: _Answer) -> Outcome:
+    """The outcome for one FCM answer (the table in the module docstring)."""
+    status, code = answer.status, answer.error_code
+    if status == 200:
+        return Outcome.delivered(answer.name)
+    if code in ("UNREGISTERED", "SENDER_ID_MISMATCH") or _invalid_token(answer):
+        return Outcome(Verdict.TOKEN_INVALID, answer.reason)
+    if status == 429:
+        wait = QUOTA_DEFAULT_RETRY_SECONDS if answer.retry_after is None else answer.retry_after
+        return Outcome(Verdict.RATE_LIMITED, answer.reason, retry_after_seconds=wait)
+    if status >= 500:
+        return Outcome.unavailable(answer.reason, retry_after=answer.retry_after or 0)
+    return Outcome(Verdict.REJECTED, answer.reason)
+
+
+def _invalid_token(answer: _Answer) -> bool:
+    # INVALID_ARGUMENT also covers message bugs; only this message means the token is dead.
+    return (
+        answer.status == 400
+        and answer.error_code in ("INVALID_ARGUMENT", "")
+        and INVALID_TOKEN_MESSAGE in answer.message.lower()
+    )
+
+
+def _message(push: Push) -> dict[str, Any]:
+    if not isinstance(push.payload, Mapping):
+        raise TypeError("an FCM push payload is the message object, not bytes")
+    message = dict(push.payload)
+    android = dict(message.get("android") or {})
+    # render sets these; a hand-built payload gets them from the Push.
+    if "priority" not in android:
+        android["priority"] = "high" if push.high_priority else "normal"
+    if "ttl" not in android:
+        android["ttl"] = f"{push.ttl_seconds}s"
+    if push.collapse_key and not ({"collapse_key", "collapseKey"} & android.keys()):
+        android["collapse_key"] = push.collapse_key
+    message["android"] = android
+    if push.token.startswith(FID_PREFIX):
+        message["fid"] = push.token[len(FID_PREFIX) :]
+    else:
+        message["token"] = push.token
+    return message
+
+
+def _client(settings: FcmSettings) -> httpx.AsyncClient:
+    context = ssl.create_default_context()
+    if settings.ca_pem:
+        context.load_verify_locations(cadata=settings.ca_pem.decode("ascii"))
+    # trust_env=False: the proxy comes from the config alone, never from the environment.
+    return httpx.AsyncClient(
+        http2=True,
+        verify=context,
+        proxy=settings.proxy or None,
+        timeout=_TIMEOUT,
+        trust_env=False,
+    )
+
+
+def _fcm_error_code(error: Mapping[str, Any]) -> str:
+    details = error.get("details")
+    for detail in details if isinstance(details, list) else ():
+        if isinstance(detail, dict) and detail.get("@type") == FCM_ERROR_TYPE:
+            return _str(detail.get("errorCode"))
+    return ""
+
+
+def _retry_after(value: str | None) -> int | None:
+    """Seconds from a Retry-After header (delta-seconds or HTTP-date), or None."""
+    if value is None:
+        return None
+    value = value.strip()
+    if value.isdigit():
+        seconds = float(value)
+    else:
+        try:
+            when = email.utils.parsedate_to_datetime(value)
+        except (TypeError, ValueError):
+            return None
+        seconds = when.timestamp() - time.time()
+    return min(max(math.ceil(seconds), 0), _MAX_RETRY_AFTER_SECONDS)
+
+
+def _str(value: object) -> str:
+    return value if isinstance(value, str) else ""
