@@ -1,0 +1,172 @@
+"""The gRPC server: PushRelay, standard health and reflection, TLS, start and graceful stop.
+
+``serve(config, stop=event)`` runs until ``stop`` is set; only the CLI installs signal handlers,
+so tests and embedding programs stop the server by setting the event.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import hmac
+import logging
+import os
+from collections.abc import Callable, Mapping
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from adapters import ADAPTERS
+from pushrelay.v1 import relay_pb2, relay_pb2_grpc
+from relay.config import Config
+from relay.dispatch import AppRuntime
+from relay.http import OpsHttpServer
+from relay.metrics import Metrics
+from relay.render import GroupingKeys
+from relay.service import RelayService, Snapshot
+
+log = logging.getLogger("relay.server")
+
+SERVICE_NAME = relay_pb2.DESCRIPTOR.services_by_name["PushRelay"].full_name
+
+
+async def start_apps(config: Config, metrics: Metrics) -> dict[str, AppRuntime]:
+    """Build every app's adapter inside the running loop; on any failure close those built."""
+    runtimes: dict[str, AppRuntime] = {}
+    try:
+        for app in config.apps.values():
+            adapter = await ADAPTERS[app.platform].create(app.settings)
+            runtimes[app.id] = AppRuntime(app, adapter, metrics)
+    except BaseException:
+        await close_apps(runtimes)
+        raise
+    return runtimes
+
+
+async def close_apps(runtimes: Mapping[str, AppRuntime]) -> None:
+    await asyncio.gather(*(rt.adapter.aclose() for rt in runtimes.values()))
+
+
+def grouping_keys(secret: bytes) -> GroupingKeys:
+    # A configured secret keeps grouping keys identical across replicas and restarts; without
+    # one each process draws its own, and a conversation's pushes group per replica only.
+    if not secret:
+        log.warning("server.hmac_key_file not set: grouping keys are random per process")
+        secret = os.urandom(32)
+    return GroupingKeys(hmac.new(secret, b"push-relay grouping", hashlib.sha256).digest())
+
+
+class RelayServer:
+    """One running relay: ``await start()``, then ``port``, then ``await stop()``."""
+
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.metrics = Metrics(app.platform for app in config.apps.values())
+        self.health = health.aio.HealthServicer()
+        self.port = 0
+        self.draining = False
+        self.ops = OpsHttpServer(self.metrics.exposition, self.ready)
+        self._snapshot: Snapshot | None = None
+        self._server: grpc.aio.Server | None = None
+
+    @property
+    def http_port(self) -> int:
+        return self.ops.port
+
+    def ready(self) -> bool:
+        """Every app's adapter can take sends and the server is not draining."""
+        return (
+            not self.draining
+            and self._snapshot is not None
+            and all(rt.adapter.ready for rt in self._snapshot.apps.values())
+        )
+
+    def current(self) -> Snapshot:
+        assert self._snapshot is not None, "requests are served only after start()"
+        return self._snapshot
+
+    async def start(self) -> None:
+        runtimes = await start_apps(self.config, self.metrics)
+        self._snapshot = Snapshot(
+            apps=runtimes,
+            limits=self.config.limits,
+            grouping=grouping_keys(self.config.server.hmac_key),
+            metrics=self.metrics,
+        )
+        server = grpc.aio.server(options=self._options())
+        relay_pb2_grpc.add_PushRelayServicer_to_server(RelayService(self.current), server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
+        reflection.enable_server_reflection(
+            (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server
+        )
+        await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
+        self.port = self._bind(server)
+        await server.start()
+        self._server = server
+        await self.ops.start(self.config.server.http_listen)
+        await self._set_health(self._readiness())
+        log.info(
+            "serving",
+            extra={"port": self.port, "http_port": self.http_port, "apps": len(runtimes)},
+        )
+
+    async def stop(self, grace: float | None = None) -> None:
+        """Refuse new calls, let calls in flight finish within ``grace``, close providers."""
+        self.draining = True
+        await self.health.enter_graceful_shutdown()
+        if self._server is not None:
+            grace = self.config.server.shutdown_grace_seconds if grace is None else grace
+            await self._server.stop(grace)
+            self._server = None
+        if self._snapshot is not None:
+            await close_apps(self._snapshot.apps)
+            self._snapshot = None
+        await self.ops.stop()
+
+    def _options(self) -> list[tuple[str, int]]:
+        return [
+            # On by default: a second server would silently share the port.
+            ("grpc.so_reuseport", 0),
+            ("grpc.max_receive_message_length", self.config.limits.max_request_bytes),
+        ]
+
+    def _bind(self, server: grpc.aio.Server) -> int:
+        address = self.config.server.listen
+        tls = self.config.server.tls
+        if tls is None:
+            return int(server.add_insecure_port(address))
+        credentials = grpc.ssl_server_credentials(
+            [(tls.key_pem, tls.cert_pem)],
+            root_certificates=tls.client_ca_pem or None,
+            require_client_auth=bool(tls.client_ca_pem),
+        )
+        return int(server.add_secure_port(address, credentials))
+
+    def _readiness(self) -> health_pb2.HealthCheckResponse.ServingStatus.ValueType:
+        serving = health_pb2.HealthCheckResponse
+        return serving.SERVING if self.ready() else serving.NOT_SERVING
+
+    async def _set_health(
+        self, status: health_pb2.HealthCheckResponse.ServingStatus.ValueType
+    ) -> None:
+        for name in ("", SERVICE_NAME):
+            await self.health.set(name, status)
+
+
+async def serve(
+    config: Config,
+    *,
+    stop: asyncio.Event,
+    on_ready: Callable[[RelayServer], None] | None = None,
+) -> None:
+    """Run a relay until ``stop`` is set, then shut it down gracefully."""
+    server = RelayServer(config)
+    await server.start()
+    try:
+        if on_ready is not None:
+            on_ready(server)
+        await stop.wait()
+        log.info("stopping", extra={"grace_seconds": config.server.shutdown_grace_seconds})
+    finally:
+        await server.stop()
