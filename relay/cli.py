@@ -1,0 +1,142 @@
+"""The ``push-relay`` command: serve, send, check-config, demo.
+
+Only this module installs signal handlers and configures logging; everything it runs can be
+driven from code (``relay.server.serve(config, stop=event)``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import signal
+import sys
+from collections.abc import Sequence
+
+from pushrelay.v1 import relay_pb2 as pb
+from relay import __version__
+from relay.config import Config, ConfigError, load_config
+from relay.logs import setup_logging
+
+EXIT_CONFIG = 2
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``push-relay`` console script."""
+    args = _parser().parse_args(argv)
+    try:
+        result: int = args.run(args)
+    except ConfigError as error:
+        _print_problems(args.config_path(args), error)
+        return EXIT_CONFIG
+    except KeyboardInterrupt:
+        return 130
+    return result
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="push-relay", description="Stateless gRPC relay to APNs, FCM and Web Push."
+    )
+    parser.add_argument("--version", action="version", version=f"push-relay {__version__}")
+    commands = parser.add_subparsers(required=True, metavar="COMMAND")
+
+    serve = commands.add_parser("serve", help="run the relay")
+    _add_config_option(serve)
+    serve.set_defaults(run=_serve)
+
+    check = commands.add_parser("check-config", help="validate a config file and exit")
+    check.add_argument("file", help="the YAML config file")
+    check.set_defaults(run=_check_config, config_path=lambda a: a.file)
+
+    send = commands.add_parser("send", help="send one notification and print the result")
+    _add_config_option(send)
+    _add_send_options(send)
+    send.set_defaults(run=_send)
+
+    demo = commands.add_parser(
+        "demo", help="run the relay against bundled fake providers and show what they received"
+    )
+    demo.set_defaults(run=_demo, config_path=lambda a: "(demo)")
+    return parser
+
+
+def _add_config_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--config",
+        default=os.environ.get("PUSH_RELAY_CONFIG"),
+        help="the YAML config file (default: $PUSH_RELAY_CONFIG)",
+    )
+    parser.set_defaults(config_path=lambda a: a.config or "(none)")
+
+
+def _add_send_options(parser: argparse.ArgumentParser) -> None:
+    # Protobuf enum wrappers are not dicts: .keys() is their API.
+    kinds = [k.lower() for k in pb.Kind.keys() if k != "KIND_UNSPECIFIED"]  # noqa: SIM118
+    modes = [m.lower() for m in pb.Privacy.keys() if m != "PRIVACY_UNSPECIFIED"]  # noqa: SIM118
+    parser.add_argument("--app", required=True, help="a configured app id")
+    parser.add_argument("--token", required=True, help="the device token or endpoint")
+    parser.add_argument("--kind", choices=kinds, default="instant_message")
+    parser.add_argument("--sender", default="push-relay", help="sender display name")
+    parser.add_argument("--preview", default="Test notification from push-relay send")
+    parser.add_argument("--conversation", default="push-relay-send", help="conversation id")
+    parser.add_argument("--privacy", choices=modes, help="privacy mode (default: the app's)")
+    parser.add_argument("--badge", type=int, default=0)
+    parser.add_argument("--p256dh", help="Web Push: the subscription's p256dh key (base64url)")
+    parser.add_argument("--auth", help="Web Push: the subscription's auth secret (base64url)")
+    parser.add_argument("--timeout", type=float, default=10.0, help="deadline in seconds")
+
+
+def _require_config(args: argparse.Namespace) -> Config:
+    if not args.config:
+        raise SystemExit("push-relay: no config: pass --config FILE or set PUSH_RELAY_CONFIG")
+    return load_config(args.config)
+
+
+def _serve(args: argparse.Namespace) -> int:
+    config = _require_config(args)
+    setup_logging(config.server.log_level)
+    return asyncio.run(_serve_until_signalled(config))
+
+
+async def _serve_until_signalled(config: Config) -> int:
+    from relay.server import serve
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    await serve(config, stop=stop)
+    return 0
+
+
+def _check_config(args: argparse.Namespace) -> int:
+    config = load_config(args.file)
+    platforms = sorted({app.platform for app in config.apps.values()})
+    print(f"{args.file}: ok ({len(config.apps)} apps: {', '.join(platforms) or 'none'})")
+    return 0
+
+
+def _send(args: argparse.Namespace) -> int:
+    from relay.tools import send_one
+
+    config = _require_config(args)
+    setup_logging("warning")
+    return asyncio.run(send_one(config, args))
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from relay.demo import run_demo
+
+    setup_logging("warning")
+    return asyncio.run(run_demo())
+
+
+def _print_problems(path: str, error: ConfigError) -> None:
+    print(f"push-relay: {path}: {len(error.problems)} problem(s):", file=sys.stderr)
+    for problem in error.problems:
+        print(f"  {problem}", file=sys.stderr)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
