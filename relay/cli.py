@@ -96,17 +96,19 @@ def _require_config(args: argparse.Namespace) -> Config:
 def _serve(args: argparse.Namespace) -> int:
     config = _require_config(args)
     setup_logging(config.server.log_level)
-    return asyncio.run(_serve_until_signalled(config))
+    return asyncio.run(_serve_until_signalled(config, args.config))
 
 
-async def _serve_until_signalled(config: Config) -> int:
+async def _serve_until_signalled(config: Config, path: str) -> int:
+    """SIGTERM/SIGINT drain and stop; SIGHUP re-reads the config and the secrets it names."""
     from relay.server import serve
 
-    stop = asyncio.Event()
+    stop, reload = asyncio.Event(), asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
-    await serve(config, stop=stop)
+    loop.add_signal_handler(signal.SIGHUP, reload.set)
+    await serve(config, stop=stop, reload=reload, load=lambda: load_config(path))
     return 0
 
 

@@ -7,6 +7,8 @@ so tests and embedding programs stop the server by setting the event.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import dataclasses
 import hashlib
 import hmac
 import logging
@@ -19,7 +21,7 @@ from grpc_reflection.v1alpha import reflection
 
 from adapters import ADAPTERS
 from pushrelay.v1 import relay_pb2, relay_pb2_grpc
-from relay.config import Config
+from relay.config import Config, ConfigError
 from relay.dispatch import AppRuntime
 from relay.http import OpsHttpServer
 from relay.metrics import Metrics
@@ -69,6 +71,7 @@ class RelayServer:
         self.ops = OpsHttpServer(self.metrics.exposition, self.ready)
         self._snapshot: Snapshot | None = None
         self._server: grpc.aio.Server | None = None
+        self._retiring: set[asyncio.Task[None]] = set()
 
     @property
     def http_port(self) -> int:
@@ -95,7 +98,8 @@ class RelayServer:
             metrics=self.metrics,
         )
         server = grpc.aio.server(options=self._options())
-        relay_pb2_grpc.add_PushRelayServicer_to_server(RelayService(self.current), server)
+        service = RelayService(self.current, lambda: self.draining)
+        relay_pb2_grpc.add_PushRelayServicer_to_server(service, server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         reflection.enable_server_reflection(
             (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server
@@ -111,6 +115,38 @@ class RelayServer:
             extra={"port": self.port, "http_port": self.http_port, "apps": len(runtimes)},
         )
 
+    async def reload(self, config: Config) -> None:
+        """Swap in ``config``'s apps atomically; calls in flight finish on the old adapters.
+
+        ``config`` must already be validated (``load_config``). New adapters are built first:
+        if that fails, the old ones keep serving and the error propagates. Listener settings
+        (addresses, TLS) need a restart; a change to them is logged and not applied.
+        """
+        _warn_restart_needed(self.config, config)
+        runtimes = await start_apps(config, self.metrics)
+        old = self._snapshot
+        self._snapshot = Snapshot(
+            apps=runtimes,
+            limits=config.limits,
+            grouping=grouping_keys(config.server.hmac_key),
+            metrics=self.metrics,
+        )
+        self.config = dataclasses.replace(config, server=self.config.server)
+        if old is not None:
+            task = asyncio.create_task(self._retire(old))
+            self._retiring.add(task)
+            task.add_done_callback(self._retiring.discard)
+        log.info("reloaded", extra={"apps": len(runtimes)})
+
+    async def _retire(self, old: Snapshot) -> None:
+        # Requests hold the snapshot they started on; once none does, its adapters can go.
+        grace = (
+            self.config.server.shutdown_grace_seconds + self.config.limits.default_deadline_seconds
+        )
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(old.usage.wait_idle(), grace)
+        await close_apps(old.apps)
+
     async def stop(self, grace: float | None = None) -> None:
         """Refuse new calls, let calls in flight finish within ``grace``, close providers."""
         self.draining = True
@@ -119,6 +155,8 @@ class RelayServer:
             grace = self.config.server.shutdown_grace_seconds if grace is None else grace
             await self._server.stop(grace)
             self._server = None
+        if self._retiring:
+            await asyncio.gather(*self._retiring, return_exceptions=True)
         if self._snapshot is not None:
             await close_apps(self._snapshot.apps)
             self._snapshot = None
@@ -154,19 +192,54 @@ class RelayServer:
             await self.health.set(name, status)
 
 
+def _warn_restart_needed(old: Config, new: Config) -> None:
+    for key in ("listen", "http_listen", "tls"):
+        if getattr(old.server, key) != getattr(new.server, key):
+            log.warning("config change needs a restart", extra={"key": f"server.{key}"})
+
+
 async def serve(
     config: Config,
     *,
     stop: asyncio.Event,
+    reload: asyncio.Event | None = None,
+    load: Callable[[], Config] | None = None,
     on_ready: Callable[[RelayServer], None] | None = None,
 ) -> None:
-    """Run a relay until ``stop`` is set, then shut it down gracefully."""
+    """Run a relay until ``stop`` is set, then shut it down gracefully.
+
+    Each time ``reload`` is set, ``load()`` is called for a new config (it raises
+    ``ConfigError`` on an invalid one) and swapped in; a failed reload keeps the old config.
+    """
     server = RelayServer(config)
     await server.start()
     try:
         if on_ready is not None:
             on_ready(server)
-        await stop.wait()
+        while await _next_signal(stop, reload) == "reload":
+            assert reload is not None and load is not None
+            reload.clear()
+            await _reload(server, load)
         log.info("stopping", extra={"grace_seconds": config.server.shutdown_grace_seconds})
     finally:
         await server.stop()
+
+
+async def _next_signal(stop: asyncio.Event, reload: asyncio.Event | None) -> str:
+    waits = {asyncio.ensure_future(stop.wait()): "stop"}
+    if reload is not None:
+        waits[asyncio.ensure_future(reload.wait())] = "reload"
+    done, pending = await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+    for task in pending:
+        task.cancel()
+    return "stop" if stop.is_set() else waits[done.pop()]
+
+
+async def _reload(server: RelayServer, load: Callable[[], Config]) -> None:
+    try:
+        config = load()
+        await server.reload(config)
+    except ConfigError as error:
+        log.error("reload refused: invalid config", extra={"problems": error.problems})
+    except Exception as error:  # adapters failed to start: the old ones keep serving
+        log.error("reload refused: apps failed to start", extra={"error": str(error)})

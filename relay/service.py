@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Mapping
-from dataclasses import dataclass
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping
+from dataclasses import dataclass, field
 
 import grpc
 
@@ -22,7 +23,7 @@ from pushrelay.v1 import relay_pb2 as pb
 from pushrelay.v1 import relay_pb2_grpc
 from relay.config import AppConfig, Limits
 from relay.dispatch import AppRuntime
-from relay.errors import RelayError, status_for
+from relay.errors import Draining, RelayError, status_for
 from relay.metrics import Metrics, kind_label
 from relay.model import Message, Privacy
 from relay.render import GroupingKeys, effective_privacy, render
@@ -37,14 +38,42 @@ RENDER_FAILED = Outcome(Verdict.REJECTED, "RenderFailed")
 MAX_STREAM_INFLIGHT = 4096  # requests in flight on one SendStream before we stop reading
 
 
+class Usage:
+    """Counts the requests running on a snapshot, so a reload can retire it once idle."""
+
+    def __init__(self) -> None:
+        self.count = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
+
+    @contextlib.contextmanager
+    def hold(self) -> Iterator[None]:
+        self.count += 1
+        self._idle.clear()
+        try:
+            yield
+        finally:
+            self.count -= 1
+            if self.count == 0:
+                self._idle.set()
+
+    async def wait_idle(self) -> None:
+        await self._idle.wait()
+
+
 @dataclass(frozen=True)
 class Snapshot:
-    """Everything a request needs, swapped as a whole (so a reload never mixes two configs)."""
+    """Everything a request needs, swapped as a whole (so a reload never mixes two configs).
+
+    A request takes the current snapshot when it starts and keeps it to the end: calls in
+    flight during a reload finish on the adapters they started with.
+    """
 
     apps: Mapping[str, AppRuntime]
     limits: Limits
     grouping: GroupingKeys
     metrics: Metrics
+    usage: Usage = field(default_factory=Usage, compare=False)
 
 
 @dataclass(frozen=True, slots=True)
@@ -58,8 +87,11 @@ class _Job:
 class RelayService(relay_pb2_grpc.PushRelayServicer):
     """The gRPC servicer; ``current()`` gives the snapshot each request runs on."""
 
-    def __init__(self, current: Callable[[], Snapshot]) -> None:
+    def __init__(
+        self, current: Callable[[], Snapshot], draining: Callable[[], bool] = lambda: False
+    ) -> None:
         self._current = current
+        self._draining = draining
         self._stragglers: set[asyncio.Task[Outcome]] = set()
 
     async def Send(self, request: pb.SendRequest, context: Context) -> pb.SendResponse:
@@ -67,12 +99,15 @@ class RelayService(relay_pb2_grpc.PushRelayServicer):
         started = time.perf_counter()
         deadline = _deadline(context, snap.limits)
         try:
+            if self._draining():
+                raise Draining("server is shutting down: retry on another replica")
             message = validated(request, _configs(snap), snap.limits)
         except RelayError as error:
             _observe(snap, "Send", status_for(error), started)
             await context.abort(status_for(error), str(error))
             raise  # unreachable: abort raises
-        results = await self._settle(snap, request, message, deadline)
+        with snap.usage.hold():
+            results = await self._settle(snap, request, message, deadline)
         _observe(snap, "Send", grpc.StatusCode.OK, started)
         _log_request("Send", request, results, started)
         return pb.SendResponse(request_id=request.request_id, results=results)
@@ -135,7 +170,8 @@ class RelayService(relay_pb2_grpc.PushRelayServicer):
             # naming the problem.
             results = _rejected_all(request, f"InvalidArgument: {error}")
         else:
-            results = await self._settle(snap, request, message, deadline)
+            with snap.usage.hold():
+                results = await self._settle(snap, request, message, deadline)
         _log_request("SendStream", request, results, started)
         await answers.put(pb.SendResponse(request_id=request.request_id, results=results))
 

@@ -1,0 +1,177 @@
+"""Graceful shutdown and reload: real `push-relay serve` processes and real signals."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import signal
+import sys
+from pathlib import Path
+
+import grpc
+import jwt
+import pytest
+
+from pushrelay.v1 import relay_pb2 as pb
+from relay.client import RelayClient
+from relay.testing.configs import apns_app, local_config
+from relay.testing.credentials import ApnsKey
+from relay.testing.fake_apns import FakeAPNs
+from tests.support import apns_token, request
+from tests.test_cli import ENV, write_config
+
+
+class Serve:
+    """A `push-relay serve` subprocess whose JSON log lines are collected as they come."""
+
+    def __init__(self, proc: asyncio.subprocess.Process) -> None:
+        self.proc = proc
+        self.lines: list[dict[str, object]] = []
+        self._reader = asyncio.create_task(self._read())
+        self.port = 0
+
+    @classmethod
+    async def start(cls, config: Path) -> Serve:
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "relay.cli", "serve", "--config", str(config),
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, env=ENV,
+        )  # fmt: skip
+        serve = cls(proc)
+        line = await serve.wait_for("serving")
+        serve.port = int(str(line["port"]))
+        return serve
+
+    async def _read(self) -> None:
+        assert self.proc.stdout is not None
+        async for raw in self.proc.stdout:
+            self.lines.append(json.loads(raw))
+
+    async def wait_for(self, msg: str, timeout: float = 30) -> dict[str, object]:
+        async def seen() -> dict[str, object]:
+            while True:
+                for line in self.lines:
+                    if line.get("msg") == msg:
+                        return line
+                if self._reader.done():
+                    pytest.fail(f"serve exited before logging {msg!r}")
+                await asyncio.sleep(0.02)
+
+        return await asyncio.wait_for(seen(), timeout)
+
+    async def finish(self, timeout: float = 30) -> int:
+        code = await asyncio.wait_for(self.proc.wait(), timeout)
+        await self._reader
+        return code
+
+    async def kill(self) -> None:
+        if self.proc.returncode is None:
+            self.proc.kill()
+            await self.proc.wait()
+        await self._reader
+
+
+async def test_sigterm_under_load_leaves_no_call_unanswered(tmp_path, fake_apns, apns_key):
+    serve = await Serve.start(write_config(tmp_path, fake_apns, apns_key))
+    try:
+        fake_apns.delay(0.5)  # every push takes a while, so calls are in flight at SIGTERM
+        async with RelayClient(f"127.0.0.1:{serve.port}") as client:
+            calls = [
+                asyncio.ensure_future(client.send(request(apns_token()), timeout=20))
+                for _ in range(50)
+            ]
+            while len(fake_apns.received) < 50:  # noqa: ASYNC110 (polling a fake's record)
+                await asyncio.sleep(0.01)
+            serve.proc.send_signal(signal.SIGTERM)
+            answers = await asyncio.gather(*calls, return_exceptions=True)
+            late = await asyncio.gather(
+                client.send(request(apns_token()), timeout=5), return_exceptions=True
+            )
+        assert all(isinstance(a, pb.SendResponse) for a in answers), answers
+        assert all(a.results[0].outcome == pb.DELIVERED for a in answers)  # type: ignore[union-attr]
+        (refused,) = late
+        assert isinstance(refused, grpc.aio.AioRpcError)
+        assert refused.code() == grpc.StatusCode.UNAVAILABLE
+        assert await serve.finish() == 0
+    finally:
+        await serve.kill()
+
+
+async def test_sighup_rotates_the_apns_key_under_load(tmp_path, fake_apns, apns_key):
+    config = write_config(tmp_path, fake_apns, apns_key)
+    serve = await Serve.start(config)
+    rotated = ApnsKey.generate(team_id=apns_key.team_id)
+    fake_apns.add_key(rotated)
+    try:
+        async with RelayClient(f"127.0.0.1:{serve.port}") as client:
+            stop = asyncio.Event()
+
+            async def load() -> list[pb.SendResponse]:
+                answers = []
+                while not stop.is_set():
+                    answers.append(await client.send(request(apns_token()), timeout=10))
+                return answers
+
+            workers = [asyncio.ensure_future(load()) for _ in range(8)]
+            await asyncio.sleep(0.3)
+            _rotate(config, rotated)
+            serve.proc.send_signal(signal.SIGHUP)
+            await serve.wait_for("reloaded")
+            before = len(fake_apns.received)
+            while len(fake_apns.received) < before + 20:  # noqa: ASYNC110
+                await asyncio.sleep(0.01)
+            stop.set()
+            answers = [a for batch in await asyncio.gather(*workers) for a in batch]
+        assert answers and all(a.results[0].outcome == pb.DELIVERED for a in answers)
+        kids = [_kid(push.headers) for push in fake_apns.received[before:]]
+        assert kids[-1] == rotated.key_id
+        serve.proc.send_signal(signal.SIGTERM)
+        assert await serve.finish() == 0
+    finally:
+        await serve.kill()
+
+
+async def test_sighup_with_a_broken_config_keeps_the_old_one(tmp_path, fake_apns, apns_key):
+    config = write_config(tmp_path, fake_apns, apns_key)
+    serve = await Serve.start(config)
+    try:
+        config.write_text(config.read_text().replace('"topic"', '"topik"'))
+        serve.proc.send_signal(signal.SIGHUP)
+        refused = await serve.wait_for("reload refused: invalid config")
+        assert any("topik" in p for p in refused["problems"])  # type: ignore[union-attr]
+        async with RelayClient(f"127.0.0.1:{serve.port}") as client:
+            answer = await client.send(request(apns_token()), timeout=10)
+        assert answer.results[0].outcome == pb.DELIVERED
+        serve.proc.send_signal(signal.SIGTERM)
+        assert await serve.finish() == 0
+    finally:
+        await serve.kill()
+
+
+async def test_calls_in_flight_finish_on_the_old_adapters(
+    start_relay, fake_apns: FakeAPNs, apns_key: ApnsKey
+) -> None:
+    relay = await start_relay(local_config([apns_app(fake_apns, apns_key)]))
+    slow = apns_token()
+    fake_apns.delay(1.0, token=slow)
+    async with RelayClient(f"127.0.0.1:{relay.port}") as client:
+        pending = asyncio.ensure_future(client.send(request(slow), timeout=10))
+        while not fake_apns.received:  # noqa: ASYNC110
+            await asyncio.sleep(0.01)
+        await relay.reload(local_config([apns_app(fake_apns, apns_key, max_concurrency=5)]))
+        fresh = await client.send(request(apns_token()), timeout=10)
+        answer = await pending
+    assert answer.results[0].outcome == pb.DELIVERED
+    assert fresh.results[0].outcome == pb.DELIVERED
+    assert relay.current().apps["chat-ios"].app.max_concurrency == 5
+
+
+def _rotate(config: Path, key: ApnsKey) -> None:
+    (config.parent / "AuthKey.p8").write_bytes(key.key_pem)
+    data = json.loads(config.read_text())
+    data["apps"][0]["auth"]["key_id"] = key.key_id
+    config.write_text(json.dumps(data))
+
+
+def _kid(headers: dict[str, str]) -> str:
+    token = headers["authorization"].split(" ", 1)[1]
+    return str(jwt.get_unverified_header(token)["kid"])
