@@ -29,6 +29,7 @@ from functools import partial
 from typing import Any, cast
 from urllib.parse import unquote, urlsplit
 
+from aioapns.common import NotificationRequest, NotificationResult
 from aioapns.connection import APNsBaseConnectionPool, APNsTLSClientProtocol
 from h2.config import H2Configuration
 from h2.connection import H2Connection
@@ -115,6 +116,10 @@ class ApnsProtocol(APNsTLSClientProtocol):
         return not (self.closing or self.retiring) and self.reserved < self.max_streams
 
     # -- sending ---------------------------------------------------------------------------
+
+    async def send_notification(self, request: NotificationRequest) -> NotificationResult:
+        """aioapns's entry point, which has the defects fixed here: use :meth:`send_request`."""
+        raise NotImplementedError("ApnsProtocol.send_request replaces send_notification")
 
     async def send_request(
         self, headers: Sequence[tuple[bytes, bytes]], body: bytes

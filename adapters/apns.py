@@ -42,7 +42,7 @@ import ssl
 import time
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from importlib import metadata
 from typing import Any
 from urllib.parse import urlsplit
@@ -83,7 +83,7 @@ class ApnsSettings:
     app_id: str
     topic: str
     environment: str = "production"  # production | sandbox
-    key_pem: bytes = b""  # the .p8 provider-token key
+    key_pem: bytes = field(default=b"", repr=False)  # the .p8 provider-token key
     key_id: str = ""
     team_id: str = ""
     cert_file: str = ""
