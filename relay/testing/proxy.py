@@ -53,6 +53,7 @@ class ConnectProxy:
         self.port = 0
         self._server: asyncio.Server | None = None
         self._tasks: set[asyncio.Task[None]] = set()
+        self._writers: set[asyncio.StreamWriter] = set()
 
     @property
     def url(self) -> str:
@@ -68,10 +69,15 @@ class ConnectProxy:
         """Stop listening, close every tunnel and wait for them to finish."""
         if self._server is not None:
             self._server.close()
-        for task in list(self._tasks):
-            task.cancel()
+        # Cut the sockets rather than cancel the tunnels: the pipes then end by themselves
+        # (cancelling a gather of pipes mid-flight makes asyncio log a CancelledError).
+        for writer in list(self._writers):
+            writer.transport.abort()
         if self._tasks:
-            await asyncio.gather(*self._tasks, return_exceptions=True)
+            _, stuck = await asyncio.wait(set(self._tasks), timeout=1.0)
+            for task in stuck:
+                task.cancel()
+            await asyncio.gather(*stuck, return_exceptions=True)
         if self._server is not None:
             await self._server.wait_closed()
             self._server = None
@@ -92,10 +98,12 @@ class ConnectProxy:
         task = asyncio.current_task()
         assert task is not None
         self._tasks.add(task)
+        self._writers.add(writer)
         upstream: asyncio.StreamWriter | None = None
         try:
             target = await self._read_connect(reader)
             up_reader, upstream = await self._open(target)
+            self._writers.add(upstream)
             writer.write(_status_line(200))
             await writer.drain()
             self.connects.append(target)
@@ -110,6 +118,8 @@ class ConnectProxy:
             await _close(writer)
             if upstream is not None:
                 await _close(upstream)
+                self._writers.discard(upstream)
+            self._writers.discard(writer)
             self._tasks.discard(task)
 
     async def _read_connect(self, reader: asyncio.StreamReader) -> str:
