@@ -82,6 +82,8 @@ class Push:
         keys: the device's encryption keys (Web Push subscription keys), when given.
         push_id: a fresh UUID for this push; adapters that can set the provider's message id
             (APNs ``apns-id``) use it, so concurrent pushes never share one.
+        pad_to: Web Push: pad the plaintext with RFC 8188 padding to at least this many bytes
+            before encrypting it, so the body's length reveals only a size bucket; 0 = none.
     """
 
     token: str
@@ -92,6 +94,7 @@ class Push:
     collapse_key: str = ""
     keys: DeviceKeys | None = None
     push_id: str = ""
+    pad_to: int = 0
 
 
 def encode_json(payload: Mapping[str, Any]) -> bytes:

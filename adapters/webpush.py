@@ -245,7 +245,7 @@ class WebPushAdapter(Adapter[WebPushSettings]):
             return Outcome(Verdict.REJECTED, "BadTopic")
         plaintext = push.payload if isinstance(push.payload, bytes) else encode_json(push.payload)
         try:
-            body = self._encrypt(plaintext, push.keys)
+            body = self._encrypt(plaintext, push.keys, pad_to=push.pad_to)
         except ValueError:
             return Outcome(Verdict.REJECTED, "InvalidKeys")
         url = httpx.URL(push.token)

@@ -33,7 +33,8 @@ class Envelope:
     """Everything about a push but its alert, worked out once per render.
 
     ``thread`` and ``collapse`` are keyed grouping keys (never the raw conversation id); empty
-    means none. ``badge`` None leaves the badge alone. ``silent`` is the ID_ONLY mode.
+    means none. ``badge`` None leaves the badge alone. ``silent`` is the ID_ONLY mode;
+    ``encrypted`` the ENCRYPTED one (``relay`` then holds the ciphertext).
     """
 
     relay: Mapping[str, Any]
@@ -43,6 +44,7 @@ class Envelope:
     ttl_seconds: int
     high_priority: bool
     silent: bool
+    encrypted: bool = False
 
 
 def apns(env: Envelope, alert: Alert | None) -> Built:
@@ -54,6 +56,10 @@ def apns(env: Envelope, alert: Alert | None) -> Built:
     aps: Payload = {}
     if alert is not None:
         aps["alert"] = _apns_alert(alert)
+        if env.encrypted:
+            # Lets the Notification Service Extension replace the fallback alert with what it
+            # decrypts from relay.enc; iOS runs it only for pushes with an alert.
+            aps["mutable-content"] = 1
         aps["sound"] = "default"
     if env.badge is not None:
         aps["badge"] = env.badge

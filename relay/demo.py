@@ -2,9 +2,10 @@
 
 Sends every kind in every privacy mode to every platform (APNs, FCM, Web Push) through the real
 gRPC API, plus a dead token for each and a push for a misconfigured app, then prints what each
-provider received (Web Push: the plaintext the browser decrypts) and each outcome. Exits 0 when
-every outcome is the one expected. Nothing is written to disk: keys and certificates are made
-in memory.
+provider received (Web Push: the plaintext the browser decrypts; ``ENCRYPTED`` on APNs and FCM:
+the ciphertext, shortened, and the document the device decrypts from it) and each outcome. Every
+device has keys, so ``ENCRYPTED`` is served as such. Exits 0 when every outcome is the one
+expected. Nothing is written to disk: keys and certificates are made in memory.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from relay.client import RelayClient
 from relay.server import RelayServer
 from relay.testing.configs import apns_app, fcm_app, local_config, webpush_app
 from relay.testing.credentials import ApnsKey
+from relay.testing.device import DecryptionError, TestSubscription
 from relay.testing.fake_apns import FakeAPNs, ReceivedPush
 from relay.testing.fake_fcm import FakeFCM, ReceivedMessage
 from relay.testing.fake_webpush import FakeSubscription, FakeWebPush, ReceivedWebPush
@@ -46,16 +48,22 @@ class Fakes:
     fcm: FakeFCM
     webpush: FakeWebPush
     subscriptions: dict[str, FakeSubscription] = field(default_factory=dict)
+    # The phones' keys, by token: what their app would generate for the ENCRYPTED mode.
+    phones: dict[str, TestSubscription] = field(default_factory=dict)
 
     def device(self, platform: str) -> pb.Device:
+        if platform == "webpush":
+            sub = self.webpush.subscribe()
+            self.subscriptions[sub.endpoint] = sub
+            keys = pb.DeviceKeys(p256dh=sub.keys.p256dh, auth=sub.keys.auth)
+            return pb.Device(app_id=APPS[platform], token=sub.endpoint, keys=keys)
         if platform == "apns":
-            return pb.Device(app_id=APPS[platform], token=secrets.token_hex(32))
-        if platform == "fcm":
-            return pb.Device(app_id=APPS[platform], token=f"demo-{secrets.token_urlsafe(100)}")
-        sub = self.webpush.subscribe()
-        self.subscriptions[sub.endpoint] = sub
-        keys = pb.DeviceKeys(p256dh=sub.keys.p256dh, auth=sub.keys.auth)
-        return pb.Device(app_id=APPS[platform], token=sub.endpoint, keys=keys)
+            token = secrets.token_hex(32)
+        else:
+            token = f"demo-{secrets.token_urlsafe(100)}"
+        phone = self.phones[token] = TestSubscription.generate()
+        keys = pb.DeviceKeys(p256dh=phone.p256dh, auth=phone.auth)
+        return pb.Device(app_id=APPS[platform], token=token, keys=keys)
 
 
 def _request(
@@ -149,9 +157,11 @@ async def _send_all(relay: RelayServer, rows: list[Row]) -> None:
 def _match(rows: list[Row], fakes: Fakes) -> None:
     seen: dict[str, str] = {}
     for push in fakes.apns.received:
-        seen[push.token] = f"{_apns_headers(push)}  {_apns_body(push)}"
+        opened = _opened(fakes.phones.get(push.token), "apns", push.payload)
+        seen[push.token] = f"{_apns_headers(push)}  {_apns_body(push)}{opened}"
     for message in fakes.fcm.received:
-        seen[message.target] = _fcm_body(message)
+        opened = _opened(fakes.phones.get(message.target), "fcm", message.message)
+        seen[message.target] = _fcm_body(message) + opened
     for web in fakes.webpush.received:
         seen[web.endpoint] = _web_body(web)
     for row in rows:
@@ -198,6 +208,32 @@ def _compact(value: Any) -> str:
     return json.dumps(value, ensure_ascii=False, separators=(",", ":"))
 
 
+def _opened(phone: TestSubscription | None, platform: str, payload: Any) -> str:
+    """What the phone decrypts from an ENCRYPTED push ("" for the other modes)."""
+    if phone is None or not isinstance(payload, dict) or "enc" not in _relay_of(payload):
+        return ""
+    try:
+        document = phone.decrypt_document(platform, payload)
+    except DecryptionError as exc:
+        return f"  ⇒ the device cannot decrypt it: {exc}"
+    return f"  ⇒ the device decrypts {_compact(document)}"
+
+
+def _relay_of(payload: dict[str, Any]) -> dict[str, Any]:
+    relay = payload.get("relay")
+    if "data" in payload:  # FCM: the relay object is a JSON string
+        relay = json.loads(payload["data"].get("relay", "{}"))
+    return relay if isinstance(relay, dict) else {}
+
+
+def _short_enc(relay: Any) -> Any:
+    """The relay object with its ciphertext shortened for the table."""
+    if isinstance(relay, dict) and isinstance(relay.get("enc"), str):
+        enc = relay["enc"]
+        return relay | {"enc": f"{enc[:10]}…({len(enc)} chars)"}
+    return relay
+
+
 def _apns_body(push: ReceivedPush) -> str:
     if push.status != 200:
         return f"HTTP {push.status} {push.reason}"
@@ -205,13 +241,15 @@ def _apns_body(push: ReceivedPush) -> str:
     aps = dict(payload.get("aps", {}))
     if "thread-id" in aps:
         aps["thread-id"] = aps["thread-id"][:6] + "…"  # an HMAC: shortened for the table
-    return _compact({"aps": aps, "relay": payload.get("relay")})
+    return _compact({"aps": aps, "relay": _short_enc(payload.get("relay"))})
 
 
 def _fcm_body(message: ReceivedMessage) -> str:
     if message.status != 200:
         return f"HTTP {message.status} {message.error_code}"
     shown = {k: v for k, v in message.message.items() if k in ("notification", "data")}
+    if "data" in shown:
+        shown["data"] = {"relay": _short_enc(_relay_of(message.message))}
     android = message.message.get("android", {})
     return f"[{android.get('priority', '?')}]  {_compact(shown)}"
 

@@ -27,20 +27,35 @@ English fallback, plus the localizable key; ``ID_ONLY``: no alert at all):
 
 A ``MESSAGE_WAITING`` count of 0 only clears the badge: no alert (an alert saying "0 new
 voicemails" would be noise), so APNs gets a badge-only push and FCM and Web Push a data-only one.
+
+``ENCRYPTED`` (the document, its buckets and sealing are in ``relay/_encrypted.py``): the
+``relay`` object is ``{"v": 1, "enc": "<base64url aes128gcm body>"}`` and nothing else, so
+neither the kind nor the raw conversation id nor the badge is in the clear; grouping keys stay.
+
+- APNs: the kind's generic ``REDACTED`` alert as the fallback (shown if the Notification
+  Service Extension does not replace it in time), ``"mutable-content": 1``, sound, ``thread-id``.
+  A cleared ``MESSAGE_WAITING`` count is a badge-only push with ``"badge": 0``: the extension
+  runs only for alerts, so that badge must be in the clear.
+- FCM: data-only (``data.relay`` is the object above as a JSON string) at the kind's priority;
+  the app's ``FirebaseMessagingService`` decrypts it and posts the notification itself.
+- Web Push: the document itself is the body; the adapter encrypts every Web Push body to these
+  same keys, padding it to the bucket (``Push.pad_to``), so it is not encrypted twice.
 """
 
 from __future__ import annotations
 
 import base64
+import dataclasses
 import hashlib
 import hmac
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Any, Literal
 
 from adapters.base import DeviceKeys, Push, encode_json
-from relay import _payloads
+from relay import _encrypted, _payloads
 from relay._payloads import Alert, Envelope
 from relay._truncate import fit_pair
 from relay.model import Kind, Message, Privacy
@@ -54,8 +69,8 @@ LIMIT_BYTES: Mapping[str, int] = MappingProxyType(
     {
         "apns": 4096,
         "fcm": 4096,  # the whole message object, keys included
-        # RFC 8291 allows 3993 bytes of plaintext; the margin leaves room for the padding of
-        # ENCRYPTED's size buckets and any later envelope.
+        # RFC 8291 allows 3993 bytes of plaintext; the margin leaves room for any later
+        # envelope. ENCRYPTED documents are padded to at most _encrypted.MAX_DOCUMENT_BYTES.
         "webpush": 3000,
     }
 )
@@ -72,25 +87,27 @@ def effective_privacy(
     maximum: Privacy,
     *,
     has_keys: bool,
-    encrypted_available: bool = False,
 ) -> Privacy:
-    """The privacy mode a device is served in.
+    """The privacy mode a device is served in: the one place that decides it.
+
+    ``REDACTED`` and ``ENCRYPTED`` expose the same (:data:`EXPOSURE`), so either is served under
+    a ceiling of the other: a request for ``ENCRYPTED`` under ``max: redacted`` is encrypted, and
+    one for ``FULL`` under ``max: encrypted`` is served at the ceiling, ``ENCRYPTED``.
 
     Args:
         requested: the mode the request asked for; None for the app's default.
         default: the app's default mode.
         maximum: the app's ceiling: nothing more exposing (by :data:`EXPOSURE`) is served.
         has_keys: whether the device sent encryption keys.
-        encrypted_available: whether ``ENCRYPTED`` rendering exists yet.
 
     Returns:
         The requested (or default) mode, lowered to ``maximum`` when it exposes more;
-        ``ENCRYPTED`` that cannot be served becomes ``REDACTED``, so plaintext never leaves.
+        ``ENCRYPTED`` for a device without keys becomes ``REDACTED``, so plaintext never leaves.
     """
     mode = default if requested is None else requested
     if EXPOSURE[mode] > EXPOSURE[maximum]:
         mode = maximum
-    if mode is Privacy.ENCRYPTED and not (has_keys and encrypted_available):
+    if mode is Privacy.ENCRYPTED and not has_keys:
         mode = Privacy.REDACTED
     return mode
 
@@ -158,6 +175,7 @@ def render(
     keys: DeviceKeys | None,
     grouping: GroupingKeys,
     push_id: str = "",
+    sent_at_ms: int | None = None,
 ) -> Push:
     """Render ``message`` for one device.
 
@@ -166,34 +184,41 @@ def render(
         platform: ``apns``, ``fcm`` or ``webpush``.
         privacy: the effective mode (see :func:`effective_privacy`).
         token: the device address, passed through to the push.
-        keys: the device's encryption keys, passed through to the push.
+        keys: the device's encryption keys, passed through to the push; ``ENCRYPTED`` encrypts
+            to them.
         grouping: the grouping-key HMACs.
         push_id: a fresh id for this push, passed through.
+        sent_at_ms: ``ENCRYPTED``: the document's send time (ms since the epoch); None = now.
 
     Returns:
         The push, its payload within the platform's limit (:data:`LIMIT_BYTES`): the preview is
         cut first, then the sender, on grapheme-cluster boundaries, each ending in an ellipsis.
+        In ``ENCRYPTED`` the same cut fits the document to the largest size bucket.
 
     Raises:
-        NotImplementedError: ``privacy`` is ``ENCRYPTED`` (a later issue).
-        ValueError: unknown platform, or a payload that cannot fit even with sender and preview
-            cut (only a conversation id far over the API's 256 bytes can cause that).
+        ValueError: unknown platform; ``ENCRYPTED`` without usable keys; or a payload that cannot
+            fit even with sender and preview cut (only a conversation id far over the API's 256
+            bytes can cause that).
     """
-    if privacy is Privacy.ENCRYPTED:
-        raise NotImplementedError("ENCRYPTED rendering is not implemented yet")
     if platform not in _payloads.BUILDERS:
         raise ValueError(f"platform: unknown platform {platform!r}")
     env = _envelope(message, privacy, grouping)
-    payload, background = _fitted(message, privacy, platform, env)
+    pad_to = 0
+    if privacy is Privacy.ENCRYPTED:
+        sent_at = time.time_ns() // 1_000_000 if sent_at_ms is None else sent_at_ms
+        payload, background, pad_to = _sealed(message, platform, keys, env, sent_at)
+    else:
+        payload, background = _fitted(message, privacy, platform, env)
     return Push(
         token=token,
-        payload=encode_json(payload) if platform == "webpush" else payload,
+        payload=_wire(platform, payload),
         background=background,
         high_priority=env.high_priority,
         ttl_seconds=env.ttl_seconds,
         collapse_key=env.collapse,
         keys=keys,
         push_id=push_id,
+        pad_to=pad_to,
     )
 
 
@@ -212,20 +237,56 @@ def _fitted(message: Message, privacy: Privacy, platform: str, env: Envelope) ->
     return build(env, _alert(message, privacy, *fitted))
 
 
+def _wire(platform: str, payload: _payloads.Payload | bytes) -> _payloads.Payload | bytes:
+    """Web Push carries bytes (the adapter encrypts them); the others a JSON object."""
+    if platform == "webpush" and not isinstance(payload, bytes):
+        return encode_json(payload)
+    return payload
+
+
+def _sealed(
+    message: Message, platform: str, keys: DeviceKeys | None, env: Envelope, sent_at_ms: int
+) -> tuple[_payloads.Payload | bytes, bool, int]:
+    """``ENCRYPTED``: the payload, whether it is silent, and the Web Push padding bucket."""
+    if keys is None:  # effective_privacy never serves ENCRYPTED without keys
+        raise ValueError("keys: ENCRYPTED needs the device's keys")
+    document = _encrypted.document(message, _badge(message), sent_at_ms)
+    if platform == "webpush":
+        # The adapter encrypts every Web Push body to these same keys: the document is the
+        # body, padded to its bucket there (encrypting it here too would do it twice).
+        return document, _cleared_count(message), _encrypted.bucket_for(len(document))
+    sealed = dataclasses.replace(env, relay={"v": 1, "enc": _encrypted.seal(document, keys)})
+    # FCM is data-only: the app posts the notification itself once it has decrypted it.
+    alert = _alert(message, Privacy.ENCRYPTED, "", "") if platform == "apns" else None
+    payload, background = _payloads.BUILDERS[platform](sealed, alert)
+    if len(encode_json(payload)) > LIMIT_BYTES[platform]:  # the buckets are sized to fit
+        raise ValueError(f"payload: over the {platform} limit of {LIMIT_BYTES[platform]} bytes")
+    return payload, background, 0
+
+
 def _envelope(message: Message, privacy: Privacy, grouping: GroupingKeys) -> Envelope:
     policy = _POLICIES[message.kind]
     silent = privacy is Privacy.ID_ONLY
+    encrypted = privacy is Privacy.ENCRYPTED
     badge = None if silent else _badge(message)
+    if encrypted:
+        # The badge travels inside the ciphertext, except a cleared count (see the docstring).
+        badge = 0 if _cleared_count(message) else None
     cid = message.conversation_id
     return Envelope(
-        relay=_relay_object(message, badge),
+        relay={} if encrypted else _relay_object(message, badge),
         thread=grouping.for_conversation(cid) if cid else "",
         collapse=_collapse_key(message, policy.collapse, grouping),
         badge=badge,
         ttl_seconds=_ttl(message, policy),
         high_priority=policy.high_priority,
         silent=silent,
+        encrypted=encrypted,
     )
+
+
+def _cleared_count(message: Message) -> bool:
+    return message.kind is Kind.MESSAGE_WAITING and message.waiting_count == 0
 
 
 def _relay_object(message: Message, badge: int | None) -> dict[str, Any]:
@@ -262,6 +323,9 @@ def _alert(message: Message, privacy: Privacy, sender: str, preview: str) -> Ale
     """What the user sees in ``privacy``, with ``sender`` and ``preview`` as fitted."""
     if privacy is Privacy.ID_ONLY:
         return None
+    if privacy is Privacy.ENCRYPTED:
+        # The fallback, shown if the device cannot decrypt in time: no count, no names.
+        return None if _cleared_count(message) else _POLICIES[message.kind].generic
     if message.kind is Kind.MESSAGE_WAITING:
         return _waiting_alert(message.waiting_count)
     full = _full_alert(message.kind, sender, preview) if privacy is Privacy.FULL else None

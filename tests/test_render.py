@@ -20,6 +20,7 @@ from adapters.base import DeviceKeys, Push, encode_json
 from relay._truncate import ELLIPSIS, fit_text, leading_graphemes
 from relay.model import Kind, Message, Privacy
 from relay.render import (
+    EXPOSURE,
     LIMIT_BYTES,
     MAX_TTL_SECONDS,
     GroupingKeys,
@@ -295,45 +296,70 @@ def test_providers_never_see_the_raw_conversation_id_as_a_key(
     assert all("conv" not in key and "secret" not in key for key in keys)
 
 
+ENCRYPTED = Privacy.ENCRYPTED
+
+# Exposure: FULL > REDACTED = ENCRYPTED > ID_ONLY. The table docs/privacy.md writes down.
 ROWS = [
-    # requested, default, maximum, has_keys, encrypted_available -> served
-    (None, FULL, FULL, False, False, FULL),
-    (None, REDACTED, FULL, False, False, REDACTED),
-    (FULL, REDACTED, REDACTED, False, False, REDACTED),  # ceiling
-    (FULL, ID_ONLY, ID_ONLY, False, False, ID_ONLY),
-    (REDACTED, FULL, ID_ONLY, False, False, ID_ONLY),
-    (ID_ONLY, FULL, FULL, False, False, ID_ONLY),  # asking for less is always allowed
-    (None, FULL, REDACTED, False, False, REDACTED),  # a default above the ceiling is capped
-    (Privacy.ENCRYPTED, FULL, FULL, True, True, Privacy.ENCRYPTED),
-    (Privacy.ENCRYPTED, FULL, FULL, False, True, REDACTED),  # no device keys
-    (Privacy.ENCRYPTED, FULL, FULL, True, False, REDACTED),  # not implemented yet
-    (Privacy.ENCRYPTED, FULL, REDACTED, True, True, Privacy.ENCRYPTED),  # same exposure
-    (Privacy.ENCRYPTED, FULL, ID_ONLY, True, True, ID_ONLY),
-    (FULL, FULL, Privacy.ENCRYPTED, True, True, Privacy.ENCRYPTED),  # served at the ceiling
-    (FULL, FULL, Privacy.ENCRYPTED, False, True, REDACTED),
-    (REDACTED, FULL, Privacy.ENCRYPTED, True, True, REDACTED),
-    (None, Privacy.ENCRYPTED, FULL, True, False, REDACTED),
+    # requested, default, maximum, has_keys -> served
+    (None, FULL, FULL, False, FULL),
+    (None, REDACTED, FULL, False, REDACTED),
+    (FULL, REDACTED, REDACTED, False, REDACTED),  # ceiling
+    (FULL, ID_ONLY, ID_ONLY, False, ID_ONLY),
+    (REDACTED, FULL, ID_ONLY, False, ID_ONLY),
+    (ID_ONLY, FULL, FULL, False, ID_ONLY),  # asking for less is always allowed
+    (None, FULL, REDACTED, False, REDACTED),  # a default above the ceiling is capped
+    (ENCRYPTED, FULL, FULL, True, ENCRYPTED),
+    (ENCRYPTED, FULL, FULL, False, REDACTED),  # no device keys: never plaintext
+    (ENCRYPTED, FULL, REDACTED, True, ENCRYPTED),  # same exposure as the ceiling
+    (ENCRYPTED, FULL, REDACTED, False, REDACTED),
+    (ENCRYPTED, FULL, ID_ONLY, True, ID_ONLY),
+    (FULL, FULL, ENCRYPTED, True, ENCRYPTED),  # served at the ceiling
+    (FULL, FULL, ENCRYPTED, False, REDACTED),
+    (REDACTED, FULL, ENCRYPTED, True, REDACTED),  # same exposure as the ceiling
+    (ID_ONLY, FULL, ENCRYPTED, True, ID_ONLY),
+    (None, ENCRYPTED, FULL, True, ENCRYPTED),
+    (None, ENCRYPTED, FULL, False, REDACTED),
+    (None, ENCRYPTED, ENCRYPTED, True, ENCRYPTED),
+    (None, FULL, ENCRYPTED, True, ENCRYPTED),  # a default above the ceiling is capped
+    (None, FULL, ENCRYPTED, False, REDACTED),
+    (None, ENCRYPTED, ID_ONLY, True, ID_ONLY),
+    (FULL, FULL, FULL, True, FULL),  # keys alone never lower a mode
 ]
 
 
-@pytest.mark.parametrize(("requested", "default", "maximum", "keys", "avail", "served"), ROWS)
+@pytest.mark.parametrize(("requested", "default", "maximum", "keys", "served"), ROWS)
 def test_effective_privacy(
-    requested: Privacy | None,
-    default: Privacy,
-    maximum: Privacy,
-    keys: bool,
-    avail: bool,
-    served: Privacy,
+    requested: Privacy | None, default: Privacy, maximum: Privacy, keys: bool, served: Privacy
 ) -> None:
-    got = effective_privacy(requested, default, maximum, has_keys=keys, encrypted_available=avail)
-    assert got is served
+    assert effective_privacy(requested, default, maximum, has_keys=keys) is served
 
 
-def test_encrypted_and_unknown_platform_are_refused() -> None:
-    with pytest.raises(NotImplementedError):
-        push_for(msg(), "apns", Privacy.ENCRYPTED)
+@given(
+    st.one_of(st.none(), st.sampled_from(Privacy)),
+    st.sampled_from(Privacy),
+    st.sampled_from(Privacy),
+    st.booleans(),
+)
+def test_effective_privacy_never_exceeds_the_ceiling_or_leaves_in_plaintext(
+    requested: Privacy | None, default: Privacy, maximum: Privacy, keys: bool
+) -> None:
+    served = effective_privacy(requested, default, maximum, has_keys=keys)
+    asked = default if requested is None else requested
+    assert EXPOSURE[served] <= min(EXPOSURE[asked], EXPOSURE[maximum])
+    assert served is not ENCRYPTED or keys
+    if asked is ENCRYPTED and EXPOSURE[asked] <= EXPOSURE[maximum]:
+        assert served is (ENCRYPTED if keys else REDACTED)
+
+
+def test_unknown_platform_is_refused() -> None:
     with pytest.raises(ValueError, match="platform"):
         push_for(msg(), "wns")
+
+
+def test_encrypted_without_keys_is_refused_by_render() -> None:
+    # effective_privacy never asks for it; render refuses rather than send plaintext.
+    with pytest.raises(ValueError, match="keys"):
+        push_for(msg(), "apns", ENCRYPTED)
 
 
 # --- grouping keys -------------------------------------------------------------------------

@@ -9,6 +9,10 @@ key pair and auth secret a device would generate, hands out the public half as `
     body = ...  # an aes128gcm body encrypted to (device.p256dh, device.auth)
     assert device.decrypt(body) == b"hello"
 
+For the relay's ``ENCRYPTED`` mode, :meth:`TestSubscription.decrypt_document` takes what a
+provider delivered (the APNs payload, the FCM message, the Web Push body), finds the ciphertext
+where the relay puts it on that platform (:func:`sealed_body`) and returns the JSON document.
+
 It is written from RFC 8291 §3 and RFC 8188 §2 on ``cryptography`` primitives alone, independent
 of the relay's own encryptor (``adapters/_ece.py``), so each checks the other; both are pinned to
 the RFC 8291 Appendix A test vector. Decryption is strict where a receiver must be: one record,
@@ -17,11 +21,17 @@ the RFC 8291 Appendix A test vector. Decryption is strict where a receiver must 
 
 from __future__ import annotations
 
+import base64
+import binascii
 import hashlib
 import hmac
+import json
 import os
+import re
 import struct
+from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -30,10 +40,11 @@ from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
 from adapters.base import DeviceKeys
 
-__all__ = ["DecryptionError", "TestSubscription"]
+__all__ = ["DecryptionError", "TestSubscription", "sealed_body"]
 
 _HEADER_BYTES = 86  # salt 16, rs 4, idlen 1, keyid 65
 _TAG_BYTES = 16
+_BASE64URL = re.compile(r"[A-Za-z0-9_-]*")
 
 
 class DecryptionError(ValueError):
@@ -118,6 +129,62 @@ class TestSubscription:
         except InvalidTag:
             raise DecryptionError("authentication tag does not verify") from None
         return _unpad(padded)
+
+    def decrypt_document(
+        self, platform: str, received: Mapping[str, Any] | bytes
+    ) -> dict[str, Any]:
+        """The relay's ``ENCRYPTED`` document, from what the device got on ``platform``.
+
+        Args:
+            platform: ``apns``, ``fcm`` or ``webpush``.
+            received: see :func:`sealed_body`.
+
+        Returns:
+            The decrypted JSON document (``{"v": 1, "kind": ..., ...}``).
+
+        Raises:
+            DecryptionError: the ciphertext is missing, malformed, or does not decrypt to a
+                JSON object.
+        """
+        plaintext = self.decrypt(sealed_body(platform, received))
+        try:
+            document = json.loads(plaintext)
+        except ValueError:
+            raise DecryptionError("the plaintext is not JSON") from None
+        if not isinstance(document, dict):
+            raise DecryptionError("the plaintext is not a JSON object")
+        return document
+
+
+def sealed_body(platform: str, received: Mapping[str, Any] | bytes) -> bytes:
+    """The ``aes128gcm`` body of an ``ENCRYPTED`` push, where the relay puts it on each platform.
+
+    Args:
+        platform: ``apns``, ``fcm`` or ``webpush``.
+        received: APNs: the payload object, ciphertext in ``relay.enc``; FCM: the ``message``
+            object, ciphertext in ``data.relay`` (a JSON string) ``.enc``; Web Push: the request
+            body itself. ``enc`` is base64url without padding.
+
+    Raises:
+        DecryptionError: the ciphertext is not where it belongs or is not base64url.
+    """
+    if platform == "webpush":
+        if not isinstance(received, bytes):
+            raise DecryptionError("a Web Push body is bytes")
+        return received
+    if not isinstance(received, Mapping):
+        raise DecryptionError(f"a {platform} push is a JSON object")
+    try:
+        relay = received["relay"] if platform == "apns" else json.loads(received["data"]["relay"])
+        enc = relay["enc"]
+    except (KeyError, TypeError, ValueError):
+        raise DecryptionError(f"no relay.enc in the {platform} push") from None
+    if not isinstance(enc, str) or not _BASE64URL.fullmatch(enc):
+        raise DecryptionError("relay.enc is not an unpadded base64url string")
+    try:
+        return base64.b64decode(enc + "=" * (-len(enc) % 4), altchars=b"-_", validate=True)
+    except binascii.Error:
+        raise DecryptionError("relay.enc is not base64url") from None
 
 
 def _content_key(
