@@ -1,13 +1,14 @@
 # push-relay: every command sets up its own virtual environment (.venv) on first use.
 #   make demo    the relay against the bundled fake providers, printing what each received
-#   make test    the whole test suite (what CI runs)
+#   make test    the whole test suite (what CI runs); as root it first installs the system
+#                tools some tests run (promtool, strace) with apt-get, when missing
 #   make check   format, lint, types and tests
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: demo test check lint types format proto
+.PHONY: demo test test-tools check lint types format proto
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -18,8 +19,12 @@ $(STAMP): pyproject.toml constraints.txt
 demo: $(STAMP)
 	$(BIN)/push-relay demo
 
-test: $(STAMP)
+test: $(STAMP) test-tools
 	$(BIN)/python -m pytest
+
+# System tools some tests run (promtool, strace): installed when missing, as root with apt-get.
+test-tools:
+	@sh scripts/install-test-tools.sh
 
 lint: $(STAMP)
 	$(BIN)/ruff format --check relay adapters tests bench

@@ -7,9 +7,12 @@ server owns its registry, so several servers in one process (tests, the demo) ne
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterable
+from pathlib import Path
 
 import grpc
+from cryptography import x509
 from prometheus_client import (
     CollectorRegistry,
     Counter,
@@ -20,9 +23,13 @@ from prometheus_client import (
 )
 from prometheus_client.process_collector import ProcessCollector
 
+from adapters.apns import ApnsSettings
 from adapters.base import Verdict
 from relay import __version__
+from relay.config import AppConfig
 from relay.model import Kind
+
+log = logging.getLogger("relay.metrics")
 
 # `_created` series double every counter's cardinality for no dashboard's benefit.
 disable_created_metrics()  # type: ignore[no-untyped-call]
@@ -81,8 +88,31 @@ class Metrics:
         self.build_info = Gauge(
             "pushrelay_build_info", "The running version.", ["version"], registry=r
         )
+        self.credential_expiry = Gauge(
+            "pushrelay_credential_expiry_timestamp_seconds",
+            "When an app's APNs client certificate expires (notAfter), in Unix seconds.",
+            ["app"],
+            registry=r,
+        )
         ProcessCollector(registry=r)
         self._precreate()
+
+    def track_credential_expiry(self, apps: Iterable[AppConfig]) -> None:
+        """Export the notAfter of every APNs app using certificate auth; idempotent.
+
+        Read once at start-up, as the adapter reads the certificate: an operator alerts on
+        ``pushrelay_credential_expiry_timestamp_seconds - time() < 14 * 86400``. Token-auth keys
+        (.p8) do not expire, so only certificate apps get a series.
+        """
+        for app in apps:
+            settings = app.settings
+            if not (isinstance(settings, ApnsSettings) and settings.cert_file):
+                continue
+            expiry = certificate_expiry(settings.cert_file)
+            if expiry is None:
+                log.warning("cannot read the certificate's expiry", extra={"app": app.id})
+                continue
+            self.credential_expiry.labels(app=app.id).set(expiry)
 
     def _precreate(self) -> None:
         self.build_info.labels(version=__version__).set(1)
@@ -102,3 +132,15 @@ class Metrics:
     def exposition(self) -> bytes:
         """The text format of every series, for /metrics."""
         return generate_latest(self.registry)
+
+
+def certificate_expiry(path: str) -> float | None:
+    """The notAfter of the leaf (first) certificate in a PEM file, in Unix seconds.
+
+    The file may hold the private key before the certificate (``openssl pkcs12`` output varies).
+    """
+    try:
+        leaf = x509.load_pem_x509_certificates(Path(path).read_bytes())[0]
+    except (OSError, ValueError):
+        return None
+    return leaf.not_valid_after_utc.timestamp()

@@ -1,0 +1,43 @@
+#!/bin/sh
+# Installs the system tools the test suite runs, when they are missing: promtool (Debian package
+# `prometheus`, for tests/test_promtool.py) and strace. Called by `make test`, so a fresh
+# machine (and CI's clean clone) needs nothing but the README's commands.
+#
+# Quick and idempotent: tools already on PATH are left alone. Installs only as root with
+# apt-get; otherwise it says what is missing and leaves the tests that need it to skip (or
+# fail, under CI=true). Never fails the build itself: the tests say precisely what is wrong.
+set -u
+
+missing=""
+command -v promtool >/dev/null 2>&1 || missing="$missing prometheus"
+command -v strace >/dev/null 2>&1 || missing="$missing strace"
+[ -z "$missing" ] && exit 0
+
+say() { echo "install-test-tools: $*" >&2; }
+
+if [ "$(id -u)" != 0 ] || ! command -v apt-get >/dev/null 2>&1; then
+    say "missing Debian package(s)$missing; not root with apt-get, so not installing them:"
+    say "tests that need them skip (and fail when CI=true)"
+    exit 0
+fi
+
+# The prometheus package ships a server daemon; installing it must not start one. Where no
+# policy-rc.d exists, a temporary one denies service starts for this install only.
+policy=/usr/sbin/policy-rc.d
+if [ ! -e "$policy" ]; then
+    printf '#!/bin/sh\nexit 101\n' >"$policy" && chmod 755 "$policy"
+    trap 'rm -f "$policy"' EXIT
+    trap 'exit 1' INT TERM
+fi
+
+export DEBIAN_FRONTEND=noninteractive
+apt_install() {
+    # shellcheck disable=SC2086  # $missing is a list of package names
+    apt-get install -y -qq --no-install-recommends $missing >/dev/null
+}
+say "installing$missing"
+# On a fresh machine the package lists may be empty or stale: update once, only when needed.
+if ! apt_install 2>/dev/null; then
+    apt-get update -qq >/dev/null && apt_install || say "could not install$missing"
+fi
+exit 0
