@@ -28,7 +28,7 @@ COPY --from=build /opt/push-relay /opt/push-relay
 COPY config/relay.example.yaml /etc/push-relay/relay.example.yaml
 # Runs as a non-root user on a read-only root filesystem: nothing here needs to write.
 USER 10001
-EXPOSE 50051 9464
+EXPOSE 50051 50052 9464
 HEALTHCHECK --interval=10s --timeout=3s --start-period=5s --retries=3 \
     CMD ["python", "-m", "relay.healthcheck", "127.0.0.1:50051"]
 # Exec form: push-relay itself is PID 1, so SIGTERM reaches Python directly and

@@ -10,6 +10,8 @@ from __future__ import annotations
 import re
 from collections.abc import Callable, Mapping, Sequence
 
+from cryptography.hazmat.primitives.asymmetric import ec
+
 from adapters.base import DeviceKeys
 from adapters.webpush import WebPushSettings, check_endpoint
 from pushrelay.v1 import relay_pb2 as pb
@@ -125,11 +127,21 @@ def _check_device(device: pb.Device, apps: Mapping[str, AppConfig]) -> str | Non
 
 
 def _check_keys(keys: pb.DeviceKeys) -> str | None:
-    if len(keys.p256dh) != 65 or keys.p256dh[0] != 4:
+    if len(keys.p256dh) != 65 or keys.p256dh[0] != 4 or not _on_curve(keys.p256dh):
         return "keys.p256dh: must be a 65-byte uncompressed P-256 point"
     if len(keys.auth) != 16:
         return "keys.auth: must be 16 bytes"
     return None
+
+
+def _on_curve(point: bytes) -> bool:
+    # A point off the curve would fail at encryption time (and invite invalid-curve attacks
+    # on the ephemeral key): refuse it here, as a malformed request.
+    try:
+        ec.EllipticCurvePublicKey.from_encoded_point(ec.SECP256R1(), point)
+    except ValueError:
+        return False
+    return True
 
 
 def to_message(n: pb.Notification) -> Message:

@@ -11,10 +11,12 @@ from adapters.apns import ApnsSettings
 from pushrelay.v1 import relay_pb2 as pb
 from relay.config import AppConfig, Limits, PrivacyPolicy
 from relay.model import Privacy
+from relay.testing.device import TestSubscription
 from relay.validate import check_request
 from tests.support import apns_token, request
 
 TOKEN = "ab" * 32
+VALID_POINT = TestSubscription.generate().p256dh
 
 
 def _with(**changes: object) -> pb.SendRequest:
@@ -55,12 +57,22 @@ CASES = {
         _devices(pb.Device(app_id="chat-ios", token=TOKEN, keys=pb.DeviceKeys(p256dh=b"x"))),
         "devices[0].keys.p256dh: must be a 65-byte",
     ),
+    "p256dh off the curve": (
+        _devices(
+            pb.Device(
+                app_id="chat-ios",
+                token=TOKEN,
+                keys=pb.DeviceKeys(p256dh=b"\x04" + b"\x01" * 64, auth=b"a" * 16),
+            )
+        ),
+        "devices[0].keys.p256dh: must be a 65-byte",
+    ),
     "bad auth": (
         _devices(
             pb.Device(
                 app_id="chat-ios",
                 token=TOKEN,
-                keys=pb.DeviceKeys(p256dh=b"\x04" + b"\x01" * 64, auth=b"short"),
+                keys=pb.DeviceKeys(p256dh=VALID_POINT, auth=b"short"),
             )
         ),
         "devices[0].keys.auth: must be 16 bytes",
