@@ -28,11 +28,11 @@ import time
 import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from types import TracebackType
 from typing import Any
 
 from h2.settings import SettingCodes
 
+from relay.testing._fake import FakeServer
 from relay.testing.credentials import ApnsKey, ProviderTokenError, ProviderTokenVerifier
 from relay.testing.h2server import Connection, DropConnection, Faults, H2Server, Request, Response
 from relay.testing.tls import TestPKI, certificate_uid
@@ -105,7 +105,7 @@ class _Reject(Exception):
         self.answer = _Answer(status, reason)
 
 
-class FakeAPNs:
+class FakeAPNs(FakeServer):
     """A fake APNs server on ``https://127.0.0.1:<port>`` with scriptable answers and faults.
 
     Args:
@@ -155,47 +155,7 @@ class FakeAPNs:
             fill_window=fill_window,
         )
 
-    # -- lifecycle ------------------------------------------------------------------------
-
-    @property
-    def port(self) -> int:
-        """The TCP port (0 until started)."""
-        return self._server.port
-
-    @property
-    def url(self) -> str:
-        """``https://127.0.0.1:<port>``."""
-        return self._server.url
-
-    @property
-    def connections_opened(self) -> int:
-        """How many connections completed the TLS handshake so far."""
-        return self._server.connections_opened
-
-    @property
-    def server(self) -> H2Server:
-        """The underlying HTTP/2 server (open connections, GOAWAY with other error codes)."""
-        return self._server
-
-    async def start(self) -> None:
-        """Start listening on 127.0.0.1 with a port chosen by the OS."""
-        await self._server.start()
-
-    async def stop(self) -> None:
-        """Close every connection (GOAWAY first) and stop listening."""
-        await self._server.stop()
-
-    async def __aenter__(self) -> FakeAPNs:
-        await self.start()
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.stop()
+    # -- lifecycle (start, stop, port, url: FakeServer) ------------------------------------
 
     # -- scripting ----------------------------------------------------------------------------
 

@@ -36,12 +36,12 @@ import secrets
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
-from types import TracebackType
 from typing import Any
 from urllib.parse import parse_qs
 
 from h2.settings import SettingCodes
 
+from relay.testing._fake import FakeServer
 from relay.testing._fcm_messages import (
     INVALID_TOKEN_MESSAGE,
     Answer,
@@ -131,7 +131,7 @@ class _OAuthFault:
     error: str
 
 
-class FakeFCM:
+class FakeFCM(FakeServer):
     """A fake FCM HTTP v1 server and token endpoint on ``https://127.0.0.1:<port>``.
 
     Args:
@@ -176,52 +176,12 @@ class FakeFCM:
             self._handle, self.pki.server_context(), initial_settings=self._initial_settings
         )
 
-    # -- lifecycle ------------------------------------------------------------------------
-
-    @property
-    def port(self) -> int:
-        """The TCP port (0 until started)."""
-        return self._server.port
-
-    @property
-    def url(self) -> str:
-        """``https://127.0.0.1:<port>``: the FCM base URL (the adapter's ``endpoint``)."""
-        return self._server.url
+    # -- lifecycle (start, stop, port, url: FakeServer) ------------------------------------
 
     @property
     def token_uri(self) -> str:
         """The OAuth2 token endpoint, ``<url>/token``."""
         return f"{self.url}/token"
-
-    @property
-    def connections_opened(self) -> int:
-        """How many connections completed the TLS handshake so far."""
-        return self._server.connections_opened
-
-    @property
-    def server(self) -> H2Server:
-        """The underlying HTTP/2 server (open connections, GOAWAY)."""
-        return self._server
-
-    async def start(self) -> None:
-        """Start listening on 127.0.0.1 with a port chosen by the OS."""
-        await self._server.start()
-
-    async def stop(self) -> None:
-        """Close every connection (GOAWAY first) and stop listening."""
-        await self._server.stop()
-
-    async def __aenter__(self) -> FakeFCM:
-        await self.start()
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.stop()
 
     # -- accounts and tokens ------------------------------------------------------------------
 

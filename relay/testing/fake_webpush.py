@@ -32,7 +32,6 @@ import time
 import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from types import TracebackType
 from typing import Any
 
 import jwt
@@ -40,6 +39,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from h2.settings import SettingCodes
 
 from adapters.base import DeviceKeys
+from relay.testing._fake import FakeServer
 from relay.testing.device import DecryptionError, TestSubscription
 from relay.testing.h2server import DropConnection, Faults, H2Server, Request, Response
 from relay.testing.tls import TestPKI
@@ -135,7 +135,7 @@ class _Reject(Exception):
         self.answer = _Answer(status, reason)
 
 
-class FakeWebPush:
+class FakeWebPush(FakeServer):
     """A fake push service on ``https://127.0.0.1:<port>`` with scriptable answers and faults.
 
     Args:
@@ -173,47 +173,12 @@ class FakeWebPush:
             initial_settings=lambda _conn: {SettingCodes.MAX_CONCURRENT_STREAMS: 100},
         )
 
-    # -- lifecycle ------------------------------------------------------------------------
+    # -- lifecycle (start, stop, port, url: FakeServer) ------------------------------------
 
     @property
     def host(self) -> str:
         """``127.0.0.1``: the host an app's ``allowed_endpoints`` must name."""
         return self._server.host
-
-    @property
-    def port(self) -> int:
-        """The TCP port (0 until started)."""
-        return self._server.port
-
-    @property
-    def url(self) -> str:
-        """The origin, ``https://127.0.0.1:<port>``: the VAPID ``aud`` it accepts."""
-        return self._server.url
-
-    @property
-    def server(self) -> H2Server:
-        """The underlying HTTP/2 server (open connections, GOAWAY)."""
-        return self._server
-
-    async def start(self) -> None:
-        """Start listening on 127.0.0.1 with a port chosen by the OS."""
-        await self._server.start()
-
-    async def stop(self) -> None:
-        """Close every connection (GOAWAY first) and stop listening."""
-        await self._server.stop()
-
-    async def __aenter__(self) -> FakeWebPush:
-        await self.start()
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.stop()
 
     # -- subscriptions and scripting ----------------------------------------------------------
 
