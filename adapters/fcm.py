@@ -29,7 +29,6 @@ from __future__ import annotations
 import email.utils
 import logging
 import math
-import ssl
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -45,6 +44,7 @@ from adapters._google_oauth import (
     TokenSource,
     json_object,
 )
+from adapters._http import provider_client
 from adapters.base import Adapter, Outcome, Push, Verdict, encode_json
 
 log = logging.getLogger("adapters.fcm")
@@ -168,7 +168,7 @@ class FcmAdapter(Adapter[FcmSettings]):
             raise ValueError(f"app {settings.app_id!r}: {exc}") from None
         owns = client is None
         if client is None:
-            client = _client(settings)
+            client = provider_client(ca_pem=settings.ca_pem, proxy=settings.proxy, timeout=_TIMEOUT)
         return cls(settings, key, client, owns_client=owns, clock=clock)
 
     @property
@@ -266,20 +266,6 @@ def _message(push: Push) -> dict[str, Any]:
     else:
         message["token"] = push.token
     return message
-
-
-def _client(settings: FcmSettings) -> httpx.AsyncClient:
-    context = ssl.create_default_context()
-    if settings.ca_pem:
-        context.load_verify_locations(cadata=settings.ca_pem.decode("ascii"))
-    # trust_env=False: the proxy comes from the config alone, never from the environment.
-    return httpx.AsyncClient(
-        http2=True,
-        verify=context,
-        proxy=settings.proxy or None,
-        timeout=_TIMEOUT,
-        trust_env=False,
-    )
 
 
 def _fcm_error_code(error: Mapping[str, Any]) -> str:

@@ -21,16 +21,15 @@ import email.utils
 import json
 import logging
 import re
-import ssl
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from http.cookiejar import CookieJar, DefaultCookiePolicy
 from typing import Any
 
 import httpx
 
 from adapters._ece import Encrypt, encrypt
+from adapters._http import provider_client
 from adapters._vapid import VapidSigner, load_vapid_key
 from adapters.base import Adapter, Outcome, Push, Verdict, encode_json
 
@@ -220,7 +219,9 @@ class WebPushAdapter(Adapter[WebPushSettings]):
             raise ValueError(f"app {settings.app_id}: VAPID subject must be mailto: or https:")
         signer = VapidSigner(key, settings.subject, clock=clock)
         owns = client is None
-        client = client or _new_client(settings)
+        client = client or provider_client(
+            ca_pem=settings.ca_pem, proxy=settings.proxy, timeout=_REQUEST_TIMEOUT
+        )
         return cls(settings, client, signer, encrypt=encrypt, owns_client=owns)
 
     @property
@@ -302,22 +303,6 @@ class WebPushAdapter(Adapter[WebPushSettings]):
         self._closed = True
         if self._owns_client:
             await self._client.aclose()
-
-
-def _new_client(settings: WebPushSettings) -> httpx.AsyncClient:
-    context = ssl.create_default_context()
-    if settings.ca_pem:
-        context.load_verify_locations(cadata=settings.ca_pem.decode("ascii"))
-    return httpx.AsyncClient(
-        http2=True,
-        verify=context,
-        proxy=settings.proxy or None,
-        timeout=_REQUEST_TIMEOUT,
-        follow_redirects=False,  # UnifiedPush: "Redirects MUST NOT be followed" (SSRF)
-        trust_env=False,  # no proxy or CA bundle from the environment behind the config's back
-        # Keep no cookies: a service's Set-Cookie would make the stateless relay carry state.
-        cookies=CookieJar(policy=DefaultCookiePolicy(allowed_domains=[])),
-    )
 
 
 def _headers(push: Push) -> dict[str, str]:
