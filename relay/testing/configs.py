@@ -33,12 +33,12 @@ def apns_app(
     **settings: object,
 ) -> AppConfig:
     """An APNs app with provider-token auth against ``fake``."""
-    return AppConfig(
-        id=app_id,
-        platform="apns",
-        privacy=PrivacyPolicy(default=default, max=maximum),
-        max_concurrency=max_concurrency,
-        settings=ApnsSettings(
+    return _app(
+        "apns",
+        default,
+        maximum,
+        max_concurrency,
+        ApnsSettings(
             app_id=app_id,
             topic=topic,
             key_pem=key.key_pem,
@@ -48,6 +48,22 @@ def apns_app(
             ca_pem=fake.ca_pem,
             **settings,  # type: ignore[arg-type]
         ),
+    )
+
+
+def _app(
+    platform: str,
+    default: Privacy,
+    maximum: Privacy,
+    max_concurrency: int,
+    settings: ApnsSettings | FcmSettings | WebPushSettings,
+) -> AppConfig:
+    return AppConfig(
+        id=settings.app_id,
+        platform=platform,
+        privacy=PrivacyPolicy(default=default, max=maximum),
+        max_concurrency=max_concurrency,
+        settings=settings,
     )
 
 
@@ -61,15 +77,10 @@ def fcm_app(
     max_concurrency: int = 100,
 ) -> AppConfig:
     """An FCM app whose service account was registered with ``fake``."""
-    return AppConfig(
-        id=app_id,
-        platform="fcm",
-        privacy=PrivacyPolicy(default=default, max=maximum),
-        max_concurrency=max_concurrency,
-        settings=FcmSettings(
-            app_id=app_id, service_account=account.info, endpoint=fake.url, ca_pem=fake.ca_pem
-        ),
+    settings = FcmSettings(
+        app_id=app_id, service_account=account.info, endpoint=fake.url, ca_pem=fake.ca_pem
     )
+    return _app("fcm", default, maximum, max_concurrency, settings)
 
 
 def vapid_key_pem() -> bytes:
@@ -93,19 +104,14 @@ def webpush_app(
     max_concurrency: int = 100,
 ) -> AppConfig:
     """A Web Push app allowed to reach ``fake`` (and only hosts in ``allowed_endpoints``)."""
-    return AppConfig(
-        id=app_id,
-        platform="webpush",
-        privacy=PrivacyPolicy(default=default, max=maximum),
-        max_concurrency=max_concurrency,
-        settings=WebPushSettings(
-            app_id=app_id,
-            vapid_private_key_pem=key_pem or vapid_key_pem(),
-            subject="mailto:ops@example.com",
-            allowed_endpoints=allowed_endpoints,
-            ca_pem=fake.ca_pem,
-        ),
+    settings = WebPushSettings(
+        app_id=app_id,
+        vapid_private_key_pem=key_pem or vapid_key_pem(),
+        subject="mailto:ops@example.com",
+        allowed_endpoints=allowed_endpoints,
+        ca_pem=fake.ca_pem,
     )
+    return _app("webpush", default, maximum, max_concurrency, settings)
 
 
 def local_config(
