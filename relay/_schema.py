@@ -79,10 +79,12 @@ def _shown(key: object) -> str:
 
 @dataclass(frozen=True)
 class Field:
-    """One key of a section: its checker, whether it is required, and its output name."""
+    """One key of a section: its checker, whether it is required (or, with ``unless``, required
+    when that other key is absent), and its output name."""
 
     check: Checker
     required: bool = False
+    unless: str = ""
     default: Any = _NO_DEFAULT  # absent and no default: left out, so the dataclass default applies
     attr: str = ""  # the name in the built object, when it differs from the key (``*_file``)
 
@@ -120,7 +122,10 @@ class Section:
         for key, spec in self.fields.items():
             if key in data:
                 continue
-            if spec.required:
+            if spec.required and spec.unless and spec.unless not in data:
+                ctx.report(join(path, key), f"required unless {spec.unless} is given")
+                out[spec.attr or key] = INVALID
+            elif spec.required and not spec.unless:
                 ctx.report(join(path, key), "required")
                 out[spec.attr or key] = INVALID
             elif spec.default is not _NO_DEFAULT:
@@ -136,11 +141,13 @@ class Section:
 @dataclass(frozen=True)
 class ListOf:
     """A list whose items all pass ``item``; optionally at least ``min_items``, and with
-    ``unique`` naming a key whose value must differ between items. Returns a tuple."""
+    ``unique`` naming a key whose value must differ between items. ``across`` checks a rule
+    between items, given the valid ones with their indexes. Returns a tuple."""
 
     item: Checker
     min_items: int = 0
     unique: str = ""
+    across: Callable[[Ctx, str, list[tuple[int, Any]]], None] | None = None
 
     def __call__(self, ctx: Ctx, path: str, data: Any) -> Any:
         if not isinstance(data, list):
@@ -156,6 +163,10 @@ class ListOf:
                 ctx.report(f"{path}[{i}].{self.unique}", f"duplicate of {path}[{seen[key]}]")
             elif isinstance(key, str):
                 seen[key] = i
+        if self.across is not None:
+            self.across(
+                ctx, path, [(i, item) for i, item in enumerate(items) if item is not INVALID]
+            )
         return INVALID if any(i is INVALID for i in items) else tuple(items)
 
 

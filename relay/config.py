@@ -19,6 +19,7 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
+from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import rsa
 
 from adapters.apns import ApnsSettings
@@ -67,6 +68,7 @@ class ServerConfig:
 
     listen: str = "127.0.0.1:50051"
     http_listen: str = "127.0.0.1:9464"
+    health_listen: str = ""  # a plaintext gRPC listener serving only health; "" = none
     tls: TlsConfig | None = None
     shutdown_grace_seconds: float = 10.0
     hmac_key: bytes = field(default=b"", repr=False)
@@ -75,11 +77,19 @@ class ServerConfig:
 
 @dataclass(frozen=True, slots=True)
 class ClientConfig:
-    """A caller allowed to use ``apps``, authenticated by its bearer ``token``."""
+    """A caller allowed to use ``apps``, named by its bearer ``token`` or, under mutual TLS, by
+    its certificate's ``subject`` (RFC 4514, normalized); an empty one is not a credential.
+
+    Its rate limit is a token bucket: ``burst`` requests at once, refilled at
+    ``rate_per_second`` (per relay process).
+    """
 
     name: str
     token: bytes = field(repr=False)
     apps: tuple[str, ...]
+    subject: str = ""
+    rate_per_second: float = 500.0
+    burst: int = 1000
 
 
 @dataclass(frozen=True, slots=True)
@@ -111,6 +121,7 @@ class Limits:
     max_devices: int = 100
     max_request_bytes: int = 65536
     default_deadline_seconds: float = 10.0
+    max_inflight_requests: int = 1000
 
 
 @dataclass(frozen=True, slots=True)
@@ -159,6 +170,7 @@ def parse_config(data: Mapping[str, Any], *, base_dir: Path) -> Config:
     ctx = s.Ctx(Path(base_dir))
     config = ctx.check(_TOP, "", data)
     _check_client_apps(ctx, data)
+    _check_client_subjects(ctx, data)
     if ctx.problems:
         raise ConfigError(ctx.problems)
     assert isinstance(config, Config)
@@ -184,6 +196,41 @@ def _client_token(data: bytes) -> bytes:
 
 
 _SERVICE_ACCOUNT_KEYS = ("project_id", "private_key", "client_email", "token_uri")
+
+
+def _subject(ctx: s.Ctx, path: str, value: Any) -> str:
+    """A certificate subject as RFC 4514 text, normalized so it compares with a peer's."""
+    text: str = s.string()(ctx, path, value)
+    try:
+        name = x509.Name.from_rfc4514_string(text)
+    except ValueError:
+        raise Invalid(
+            'must be an RFC 4514 name like "CN=chat-eu,O=Example" (no space after commas)'
+        ) from None
+    return name.rfc4514_string()
+
+
+def _client(values: dict[str, Any]) -> ClientConfig:
+    values["apps"] = tuple(dict.fromkeys(values["apps"]))
+    return ClientConfig(**{"token": b"", **values})
+
+
+def _distinct_credentials(
+    ctx: s.Ctx, path: str, clients: Sequence[tuple[int, ClientConfig]]
+) -> None:
+    """No two clients may share a token or a subject: either would name both. (An entry that
+    repeats a name is reported as a duplicate already.)"""
+    first: dict[str, tuple[int, ClientConfig]] = {}
+    for i, client in clients:
+        first.setdefault(client.name, (i, client))
+    distinct = list(first.values())  # in file order
+    for attr, key in (("token", "token_file"), ("subject", "subject")):
+        seen: dict[object, int] = {}
+        for i, client in distinct:
+            value = getattr(client, attr)
+            if value and value in seen:
+                ctx.report(f"{path}[{i}].{key}", f"the same {attr} as {path}[{seen[value]}]")
+            seen.setdefault(value, i)
 
 
 def _service_account(data: bytes) -> Mapping[str, Any]:
@@ -350,6 +397,7 @@ _SERVER = Section(
     {
         "listen": Field(s.listen_address),
         "http_listen": Field(s.listen_address),
+        "health_listen": Field(s.listen_address),
         "tls": Field(_TLS),
         "shutdown_grace_seconds": Field(s.number(3600, zero_ok=True)),
         "hmac_key_file": Field(s.file(_hmac_key), attr="hmac_key"),
@@ -360,23 +408,29 @@ _SERVER = Section(
 _CLIENT = Section(
     {
         "name": Field(_NAME, required=True),
-        "token_file": Field(s.file(_client_token), required=True, attr="token"),
+        "token_file": Field(s.file(_client_token), required=True, unless="subject", attr="token"),
+        "subject": Field(_subject),
         "apps": Field(ListOf(_NAME, min_items=1), required=True),
+        "rate_per_second": Field(s.number(1_000_000)),
+        "burst": Field(s.integer(1, 1_000_000)),
     },
-    build=lambda values: ClientConfig(**{**values, "apps": tuple(dict.fromkeys(values["apps"]))}),
+    build=_client,
 )
 _LIMITS = Section(
     {
         "max_devices": Field(s.integer(1, 10_000)),
         "max_request_bytes": Field(s.integer(1, 16 << 20)),
         "default_deadline_seconds": Field(s.number(3600)),
+        "max_inflight_requests": Field(s.integer(1, 1_000_000)),
     },
     build=lambda values: Limits(**values),
 )
 _TOP = Section(
     {
         "server": Field(_SERVER, default=ServerConfig()),
-        "clients": Field(ListOf(_CLIENT, min_items=1, unique="name"), default=()),
+        "clients": Field(
+            ListOf(_CLIENT, min_items=1, unique="name", across=_distinct_credentials), default=()
+        ),
         "apps": Field(
             ListOf(OneOf("platform", {"apns": _APNS, "fcm": _FCM, "webpush": _WEBPUSH}), 1, "id"),
             required=True,
@@ -402,3 +456,14 @@ def _check_client_apps(ctx: s.Ctx, data: Mapping[str, Any]) -> None:
         for j, name in enumerate(names if isinstance(names, list) else []):
             if isinstance(name, str) and name not in ids:
                 ctx.report(f"clients[{i}].apps[{j}]", "not a configured app (no apps[].id matches)")
+
+
+def _check_client_subjects(ctx: s.Ctx, data: Mapping[str, Any]) -> None:
+    """A certificate subject can name a client only when callers must present certificates."""
+    server, clients = data.get("server"), data.get("clients")
+    tls = server.get("tls") if isinstance(server, Mapping) else None
+    if not isinstance(clients, list) or (isinstance(tls, Mapping) and "client_ca_file" in tls):
+        return
+    for i, client in enumerate(clients):
+        if isinstance(client, Mapping) and "subject" in client:
+            ctx.report(f"clients[{i}].subject", "needs server.tls.client_ca_file (mutual TLS)")

@@ -2,6 +2,10 @@
 
 ``serve(config, stop=event)`` runs until ``stop`` is set; only the CLI installs signal handlers,
 so tests and embedding programs stop the server by setting the event.
+
+Callers are authenticated and limited by ``relay/interceptors.py``. With ``server.health_listen``
+a second, plaintext gRPC listener serves only ``grpc.health.v1.Health`` (the same servicer, so
+the same statuses): Kubernetes' native gRPC probes speak no TLS.
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ import hashlib
 import hmac
 import logging
 import os
+import time
 from collections.abc import Callable, Mapping
 
 import grpc
@@ -21,9 +26,12 @@ from grpc_reflection.v1alpha import reflection
 
 from adapters import ADAPTERS
 from pushrelay.v1 import relay_pb2, relay_pb2_grpc
+from relay.auth import Authenticator
 from relay.config import Config, ConfigError
 from relay.dispatch import AppRuntime
 from relay.http import OpsHttpServer
+from relay.interceptors import RelayInterceptor
+from relay.limits import Clock, InflightGate, RateLimiter
 from relay.metrics import Metrics
 from relay.render import GroupingKeys
 from relay.service import RelayService, Snapshot
@@ -31,6 +39,9 @@ from relay.service import RelayService, Snapshot
 log = logging.getLogger("relay.server")
 
 SERVICE_NAME = relay_pb2.DESCRIPTOR.services_by_name["PushRelay"].full_name
+# gRPC itself refuses a message over this with RESOURCE_EXHAUSTED before any handler runs;
+# below it, the service checks limits.max_request_bytes and answers INVALID_ARGUMENT, counted.
+MAX_MESSAGE_BYTES = 4 << 20
 
 
 async def start_apps(config: Config, metrics: Metrics) -> dict[str, AppRuntime]:
@@ -60,17 +71,25 @@ def grouping_keys(secret: bytes) -> GroupingKeys:
 
 
 class RelayServer:
-    """One running relay: ``await start()``, then ``port``, then ``await stop()``."""
+    """One running relay: ``await start()``, then ``port``, then ``await stop()``.
 
-    def __init__(self, config: Config) -> None:
+    ``clock`` drives the clients' rate limits (tests pass a fake one).
+    """
+
+    def __init__(self, config: Config, *, clock: Clock = time.monotonic) -> None:
         self.config = config
         self.metrics = Metrics(app.platform for app in config.apps.values())
+        self.metrics.track_credential_expiry(config.apps.values())
         self.health = health.aio.HealthServicer()
         self.port = 0
+        self.health_port = 0  # of the plaintext health listener, when configured
         self.draining = False
         self.ops = OpsHttpServer(self.metrics.exposition, self.ready)
+        self._clock = clock
+        self._gate = InflightGate()
         self._snapshot: Snapshot | None = None
         self._server: grpc.aio.Server | None = None
+        self._health_server: grpc.aio.Server | None = None
         self._retiring: set[asyncio.Task[None]] = set()
 
     @property
@@ -90,14 +109,12 @@ class RelayServer:
         return self._snapshot
 
     async def start(self) -> None:
+        _warn_about_callers(self.config)
         runtimes = await start_apps(self.config, self.metrics)
-        self._snapshot = Snapshot(
-            apps=runtimes,
-            limits=self.config.limits,
-            grouping=grouping_keys(self.config.server.hmac_key),
-            metrics=self.metrics,
+        self._snapshot = self._new_snapshot(self.config, runtimes)
+        server = grpc.aio.server(
+            interceptors=[RelayInterceptor(self.current)], options=self._options()
         )
-        server = grpc.aio.server(options=self._options())
         service = RelayService(self.current, lambda: self.draining)
         relay_pb2_grpc.add_PushRelayServicer_to_server(service, server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
@@ -108,29 +125,56 @@ class RelayServer:
         self.port = self._bind(server)
         await server.start()
         self._server = server
+        await self._start_health_listener()
         await self.ops.start(self.config.server.http_listen)
         await self._set_health(self._readiness())
         log.info(
             "serving",
-            extra={"port": self.port, "http_port": self.http_port, "apps": len(runtimes)},
+            extra={
+                "port": self.port,
+                "http_port": self.http_port,
+                "health_port": self.health_port,
+                "apps": len(runtimes),
+                "clients": len(self.config.clients),
+            },
         )
+
+    def _new_snapshot(self, config: Config, runtimes: Mapping[str, AppRuntime]) -> Snapshot:
+        old = self._snapshot
+        return Snapshot(
+            apps=runtimes,
+            limits=config.limits,
+            grouping=grouping_keys(config.server.hmac_key),
+            metrics=self.metrics,
+            auth=Authenticator(config.clients),
+            rates=RateLimiter(config.clients, self._clock, old.rates if old else None),
+            gate=self._gate,
+        )
+
+    async def _start_health_listener(self) -> None:
+        address = self.config.server.health_listen
+        if not address:
+            return
+        server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
+        self.health_port = int(server.add_insecure_port(address))
+        await server.start()
+        self._health_server = server
 
     async def reload(self, config: Config) -> None:
         """Swap in ``config``'s apps atomically; calls in flight finish on the old adapters.
 
         ``config`` must already be validated (``load_config``). New adapters are built first:
-        if that fails, the old ones keep serving and the error propagates. Listener settings
+        if that fails, the old ones keep serving and the error propagates. Clients (tokens,
+        subjects, apps, rates) and limits are swapped with the apps. Listener settings
         (addresses, TLS) need a restart; a change to them is logged and not applied.
         """
         _warn_restart_needed(self.config, config)
+        _warn_about_callers(config)
         runtimes = await start_apps(config, self.metrics)
+        self.metrics.track_credential_expiry(config.apps.values())
         old = self._snapshot
-        self._snapshot = Snapshot(
-            apps=runtimes,
-            limits=config.limits,
-            grouping=grouping_keys(config.server.hmac_key),
-            metrics=self.metrics,
-        )
+        self._snapshot = self._new_snapshot(config, runtimes)
         self.config = dataclasses.replace(config, server=self.config.server)
         if old is not None:
             task = asyncio.create_task(self._retire(old))
@@ -160,13 +204,19 @@ class RelayServer:
         if self._snapshot is not None:
             await close_apps(self._snapshot.apps)
             self._snapshot = None
+        if self._health_server is not None:
+            await self._health_server.stop(0)
+            self._health_server = None
         await self.ops.stop()
 
     def _options(self) -> list[tuple[str, int]]:
         return [
             # On by default: a second server would silently share the port.
             ("grpc.so_reuseport", 0),
-            ("grpc.max_receive_message_length", self.config.limits.max_request_bytes),
+            (
+                "grpc.max_receive_message_length",
+                max(MAX_MESSAGE_BYTES, self.config.limits.max_request_bytes),
+            ),
         ]
 
     def _bind(self, server: grpc.aio.Server) -> int:
@@ -193,9 +243,16 @@ class RelayServer:
 
 
 def _warn_restart_needed(old: Config, new: Config) -> None:
-    for key in ("listen", "http_listen", "tls"):
+    for key in ("listen", "http_listen", "health_listen", "tls"):
         if getattr(old.server, key) != getattr(new.server, key):
             log.warning("config change needs a restart", extra={"key": f"server.{key}"})
+
+
+def _warn_about_callers(config: Config) -> None:
+    if not config.clients:
+        log.warning("no clients configured: the API is open to anyone who can reach it")
+    elif config.server.tls is None:
+        log.warning("clients configured without server.tls: bearer tokens travel in plaintext")
 
 
 async def serve(

@@ -10,7 +10,9 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import functools
 import logging
+import math
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping
@@ -21,9 +23,11 @@ import grpc
 from adapters.base import Outcome, Push, Verdict
 from pushrelay.v1 import relay_pb2 as pb
 from pushrelay.v1 import relay_pb2_grpc
+from relay.auth import Authenticator, check_apps, current_caller
 from relay.config import AppConfig, Limits
 from relay.dispatch import AppRuntime
 from relay.errors import Draining, RelayError, status_for
+from relay.limits import InflightGate, RateLimited, RateLimiter, check_size
 from relay.metrics import Metrics, kind_label
 from relay.model import Message, Privacy
 from relay.render import GroupingKeys, effective_privacy, render
@@ -66,13 +70,18 @@ class Snapshot:
     """Everything a request needs, swapped as a whole (so a reload never mixes two configs).
 
     A request takes the current snapshot when it starts and keeps it to the end: calls in
-    flight during a reload finish on the adapters they started with.
+    flight during a reload finish on the adapters they started with. The client table lives
+    here too, so a reload rotates tokens; ``gate`` is the one process-wide in-flight count,
+    handed from snapshot to snapshot.
     """
 
     apps: Mapping[str, AppRuntime]
     limits: Limits
     grouping: GroupingKeys
     metrics: Metrics
+    auth: Authenticator
+    rates: RateLimiter
+    gate: InflightGate
     usage: Usage = field(default_factory=Usage, compare=False)
 
 
@@ -85,7 +94,11 @@ class _Job:
 
 
 class RelayService(relay_pb2_grpc.PushRelayServicer):
-    """The gRPC servicer; ``current()`` gives the snapshot each request runs on."""
+    """The gRPC servicer; ``current()`` gives the snapshot each request runs on.
+
+    It runs behind ``relay.interceptors.RelayInterceptor``, which authenticates the caller and
+    turns the :class:`RelayError` raised here into the call's status (and counts it).
+    """
 
     def __init__(
         self, current: Callable[[], Snapshot], draining: Callable[[], bool] = lambda: False
@@ -98,18 +111,12 @@ class RelayService(relay_pb2_grpc.PushRelayServicer):
         snap = self._current()
         started = time.perf_counter()
         deadline = _deadline(context, snap.limits)
-        try:
-            if self._draining():
-                raise Draining("server is shutting down: retry on another replica")
-            message = validated(request, _configs(snap), snap.limits)
-        except RelayError as error:
-            _observe(snap, "Send", status_for(error), started)
-            await context.abort(status_for(error), str(error))
-            raise  # unreachable: abort raises
+        if self._draining():
+            raise Draining("server is shutting down: retry on another replica")
+        message = _admitted(snap, request)
         with snap.usage.hold():
             results = await self._settle(snap, request, message, deadline)
-        _observe(snap, "Send", grpc.StatusCode.OK, started)
-        _log_request("Send", request, results, started)
+        _log_request(snap, "Send", request, results, started)
         return pb.SendResponse(request_id=request.request_id, results=results)
 
     async def SendStream(
@@ -117,8 +124,6 @@ class RelayService(relay_pb2_grpc.PushRelayServicer):
         request_iterator: AsyncIterator[pb.SendRequest],
         context: Context,
     ) -> AsyncIterator[pb.SendResponse]:
-        snap = self._current()
-        started = time.perf_counter()
         answers: asyncio.Queue[pb.SendResponse | None] = asyncio.Queue()
         reader = asyncio.create_task(self._read_stream(request_iterator, context, answers))
         try:
@@ -127,7 +132,6 @@ class RelayService(relay_pb2_grpc.PushRelayServicer):
             await reader  # re-raise what ended the reading, if anything did
         finally:
             reader.cancel()
-            _observe(snap, "SendStream", grpc.StatusCode.OK, started)
 
     async def _read_stream(
         self,
@@ -136,16 +140,19 @@ class RelayService(relay_pb2_grpc.PushRelayServicer):
         answers: asyncio.Queue[pb.SendResponse | None],
     ) -> None:
         # Each request runs as its own task, so a slow one never holds the others back; the
-        # in-flight bound turns into HTTP/2 flow control towards a caller that sends too fast.
+        # in-flight bounds (this stream's and the process's) turn into HTTP/2 flow control
+        # towards a caller that sends too fast.
         slots = asyncio.Semaphore(MAX_STREAM_INFLIGHT)
         tasks: set[asyncio.Task[None]] = set()
         try:
             async for request in requests:
                 await slots.acquire()
+                snap = self._current()
+                await snap.gate.enter(snap.limits.max_inflight_requests)
                 task = asyncio.create_task(self._answer_one(request, context, answers))
                 tasks.add(task)
                 task.add_done_callback(tasks.discard)
-                task.add_done_callback(lambda _: slots.release())
+                task.add_done_callback(functools.partial(_release, slots, snap.gate))
             if tasks:
                 await asyncio.gather(*tasks)
         finally:
@@ -163,16 +170,17 @@ class RelayService(relay_pb2_grpc.PushRelayServicer):
         started = time.perf_counter()
         deadline = _deadline(context, snap.limits)
         try:
-            message = validated(request, _configs(snap), snap.limits)
+            snap.rates.check(current_caller())
+            message = _admitted(snap, request)
         except RelayError as error:
             # A stream cannot fail one request with a status without failing all the others
-            # in flight: an invalid request is answered with every device REJECTED, the reason
-            # naming the problem.
-            results = _rejected_all(request, f"InvalidArgument: {error}")
+            # in flight: a refused request is answered with every device REJECTED (or
+            # RATE_LIMITED, with the wait), the reason naming the problem.
+            results = _refused_all(request, error)
         else:
             with snap.usage.hold():
                 results = await self._settle(snap, request, message, deadline)
-        _log_request("SendStream", request, results, started)
+        _log_request(snap, "SendStream", request, results, started)
         await answers.put(pb.SendResponse(request_id=request.request_id, results=results))
 
     async def _settle(
@@ -209,8 +217,26 @@ async def _tracked(metrics: Metrics, work: collections.abc.Awaitable[Outcome]) -
         metrics.inflight.dec()
 
 
+def _release(slots: asyncio.Semaphore, gate: InflightGate, _: object) -> None:
+    slots.release()
+    gate.leave()
+
+
 def _configs(snap: Snapshot) -> Mapping[str, AppConfig]:
     return {app_id: runtime.app for app_id, runtime in snap.apps.items()}
+
+
+def _admitted(snap: Snapshot, request: pb.SendRequest) -> Message:
+    """The request's message once its size, content and the caller's apps are checked.
+
+    Raises:
+        InvalidArgument: too large, or invalid (every problem, by field).
+        PermissionDenied: a device names an app the caller may not use.
+    """
+    check_size(request.ByteSize(), snap.limits)
+    message = validated(request, _configs(snap), snap.limits)
+    check_apps(current_caller(), [device.app_id for device in request.devices])
+    return message
 
 
 def _job(snap: Snapshot, device: pb.Device, message: Message, requested: Privacy | None) -> _Job:
@@ -264,8 +290,17 @@ def _result(outcome: Outcome, privacy: Privacy) -> pb.DeviceResult:
     )
 
 
-def _rejected_all(request: pb.SendRequest, reason: str) -> list[pb.DeviceResult]:
-    return [pb.DeviceResult(outcome=pb.REJECTED, reason=reason) for _ in request.devices]
+def _refused_all(request: pb.SendRequest, error: RelayError) -> list[pb.DeviceResult]:
+    """One result per device for a stream request refused whole: the reason is the status the
+    request would have had as a ``Send`` (``InvalidArgument: devices[0].token: …``)."""
+    reason = status_for(error).name.title().replace("_", "") + f": {error}"
+    outcome, wait = pb.REJECTED, 0
+    if isinstance(error, RateLimited):
+        outcome, wait = pb.RATE_LIMITED, math.ceil(error.retry_after_seconds)
+    return [
+        pb.DeviceResult(outcome=outcome, reason=reason, retry_after_seconds=wait)
+        for _ in request.devices
+    ]
 
 
 def _count(snap: Snapshot, message: Message, job: _Job, outcome: Outcome) -> None:
@@ -275,16 +310,22 @@ def _count(snap: Snapshot, message: Message, job: _Job, outcome: Outcome) -> Non
     ).inc()
 
 
-def _observe(snap: Snapshot, method: str, code: grpc.StatusCode, started: float) -> None:
-    snap.metrics.requests.labels(method=method, code=code.name).inc()
-    snap.metrics.request_duration.labels(method=method).observe(time.perf_counter() - started)
-
-
 def _log_request(
-    method: str, request: pb.SendRequest, results: list[pb.DeviceResult], started: float
+    snap: Snapshot,
+    method: str,
+    request: pb.SendRequest,
+    results: list[pb.DeviceResult],
+    started: float,
 ) -> None:
-    # The canonical line: ids, counts and timing only — never content or tokens.
-    outcomes = collections.Counter(pb.Outcome.Name(r.outcome) for r in results)
+    # The canonical line: ids, counts by platform and outcome, timing — never content or tokens.
+    counts: dict[str, collections.Counter[str]] = {}
+    for device, result in zip(request.devices, results, strict=True):
+        runtime = snap.apps.get(device.app_id)
+        platform = runtime.platform if runtime else "unknown"
+        counts.setdefault(platform, collections.Counter())[pb.Outcome.Name(result.outcome)] += 1
+    outcomes: collections.Counter[str] = collections.Counter()
+    for by_outcome in counts.values():
+        outcomes.update(by_outcome)
     log.info(
         "request",
         extra={
@@ -295,6 +336,8 @@ def _log_request(
             else "unknown",
             "devices": len(results),
             "outcomes": dict(outcomes),
+            "platforms": {platform: sum(c.values()) for platform, c in counts.items()},
+            "counts": {platform: dict(c) for platform, c in counts.items()},
             "duration_ms": round((time.perf_counter() - started) * 1000, 2),
         },
     )

@@ -750,3 +750,91 @@ def test_any_input_gives_config_error_or_config(data: Any) -> None:
     except ConfigError as error:
         assert error.problems
         assert all(": " in p for p in error.problems)
+
+
+# --- callers: subjects, rates, in-flight cap, health listener -------------------------------------
+
+MUTUAL_TLS = {
+    "tls": {"cert_file": "chain.pem", "key_file": "server.key", "client_ca_file": "ca.pem"}
+}
+
+
+def test_example_documents_the_caller_keys(example: Path) -> None:
+    config = load_config(example)
+    [client] = config.clients
+    assert client.subject == "CN=chat-eu,O=Example Chat"
+    assert (client.rate_per_second, client.burst) == (500.0, 1000)
+    assert config.server.health_listen == "0.0.0.0:50052"
+    assert config.limits.max_inflight_requests == 1000
+
+
+def test_caller_defaults(base: Path) -> None:
+    config = parse_config(VALID, base_dir=base)
+    [client] = config.clients
+    assert (client.subject, client.rate_per_second, client.burst) == ("", 500.0, 1000)
+    assert config.server.health_listen == ""  # no plaintext health listener
+    assert config.limits.max_inflight_requests == 1000
+
+
+def test_a_subject_can_name_a_client_instead_of_a_token(base: Path) -> None:
+    data = changed(
+        server=MUTUAL_TLS,
+        clients__0__token_file=DELETE,
+        clients__0__subject="CN=chat-eu,O=Example Chat,C=DE",
+        clients__0__rate_per_second=0.5,
+        clients__0__burst=3,
+        limits={"max_inflight_requests": 7},
+    )
+    config = parse_config(data, base_dir=base)
+    [client] = config.clients
+    assert (client.token, client.subject) == (b"", "CN=chat-eu,O=Example Chat,C=DE")
+    assert (client.rate_per_second, client.burst) == (0.5, 3)
+    assert config.limits.max_inflight_requests == 7
+
+
+CALLER_RULES: list[tuple[dict[str, Any], str]] = [
+    (
+        changed(clients__0__token_file=DELETE),
+        "clients[0].token_file: required unless subject is given",
+    ),
+    (
+        changed(clients__0__subject="CN=chat-eu"),
+        "clients[0].subject: needs server.tls.client_ca_file (mutual TLS)",
+    ),
+    (
+        changed(server=MUTUAL_TLS, clients__0__subject="CN=chat-eu, O=Example"),
+        'clients[0].subject: must be an RFC 4514 name like "CN=chat-eu,O=Example"',
+    ),
+    (
+        changed(server=MUTUAL_TLS, clients__0__subject="chat-eu"),
+        "clients[0].subject: must be an RFC 4514 name",
+    ),
+    (
+        changed(clients=[VALID["clients"][0], {**VALID["clients"][0], "name": "us"}]),
+        "clients[1].token_file: the same token as clients[0]",
+    ),
+    (
+        changed(
+            server=MUTUAL_TLS,
+            clients=[
+                {"name": "eu", "subject": "CN=a", "apps": ["ios"]},
+                {"name": "us", "subject": "CN=a", "apps": ["ios"]},
+            ],
+        ),
+        "clients[1].subject: the same subject as clients[0]",
+    ),
+    (changed(clients__0__rate_per_second=0), "clients[0].rate_per_second: must be above 0"),
+    (changed(clients__0__burst=0), "clients[0].burst: must be between 1 and 1000000"),
+    (
+        changed(limits={"max_inflight_requests": 0}),
+        "limits.max_inflight_requests: must be between 1 and 1000000",
+    ),
+    (changed(server={"health_listen": "50052"}), "server.health_listen: must be host:port"),
+]
+
+
+@pytest.mark.parametrize(("data", "expected"), CALLER_RULES, ids=[p for _, p in CALLER_RULES])
+def test_each_caller_rule_reports_its_path(base: Path, data: dict[str, Any], expected: str) -> None:
+    found = problems(data, base)
+    assert len(found) == 1, found
+    assert found[0].startswith(expected)
