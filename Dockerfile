@@ -1,7 +1,9 @@
 # push-relay container image.
 #   docker build -t push-relay .
 #   docker run --read-only -v ./relay.yaml:/etc/push-relay/relay.yaml:ro -p 50051:50051 push-relay
-# The config must listen on 0.0.0.0 inside the container (server.listen: "0.0.0.0:50051").
+# The config must listen on 0.0.0.0 inside the container (server.listen: "0.0.0.0:50051") and
+# serve plaintext health on 50052 (server.health_listen: "0.0.0.0:50052"): the HEALTHCHECK and
+# Kubernetes' gRPC probes ask it, since the API port may require TLS.
 ARG PYTHON_IMAGE=python:3.11-slim-bookworm
 
 FROM ${PYTHON_IMAGE} AS build
@@ -30,7 +32,7 @@ COPY config/relay.example.yaml /etc/push-relay/relay.example.yaml
 USER 10001
 EXPOSE 50051 50052 9464
 HEALTHCHECK --interval=10s --timeout=3s --start-period=5s --retries=3 \
-    CMD ["python", "-m", "relay.healthcheck", "127.0.0.1:50051"]
+    CMD ["python", "-m", "relay.healthcheck", "127.0.0.1:50052"]
 # Exec form: push-relay itself is PID 1, so SIGTERM reaches Python directly and
 # triggers the graceful shutdown.
 ENTRYPOINT ["push-relay"]

@@ -123,14 +123,14 @@ def _send(args: argparse.Namespace) -> int:
     from relay.tools import send_one
 
     config = _require_config(args)
-    setup_logging("warning")
+    setup_logging("error")  # the throwaway relay's warnings (open API…) are not the user's
     return asyncio.run(send_one(config, args))
 
 
 def _demo(args: argparse.Namespace) -> int:
     from relay.demo import run_demo
 
-    setup_logging("warning")
+    setup_logging("error")
     return asyncio.run(run_demo())
 
 

@@ -2,7 +2,9 @@
 
     python -m relay.healthcheck [HOST:PORT] [SERVICE]
 
-Slim images have no curl or grpc_health_probe; this needs only what the relay already has.
+It asks the plaintext health listener (``server.health_listen``, 127.0.0.1:50052 by default
+here), which answers even when the API port requires TLS. Slim images have no curl or
+grpc_health_probe; this needs only what the relay already has.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ def probe(target: str, service: str = "", timeout: float = 2.0) -> bool:
 
 
 def main(argv: list[str]) -> int:
-    target = argv[0] if argv else "127.0.0.1:50051"
+    target = argv[0] if argv else "127.0.0.1:50052"
     service = argv[1] if len(argv) > 1 else ""
     return 0 if probe(target, service) else 1
 

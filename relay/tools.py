@@ -46,9 +46,12 @@ def _b64url(text: str) -> bytes:
 
 async def send_one(config: Config, args: argparse.Namespace) -> int:
     """Send one notification; 0 when delivered, 1 otherwise."""
-    local = dataclasses.replace(
-        config, server=dataclasses.replace(config.server, listen="127.0.0.1:0", tls=None)
+    # A throwaway relay on loopback for this one call: no callers but us, no listeners of the
+    # configured service's own (its ports may be taken by the running relay).
+    server_config = dataclasses.replace(
+        config.server, listen="127.0.0.1:0", http_listen="127.0.0.1:0", health_listen="", tls=None
     )
+    local = dataclasses.replace(config, clients=(), server=server_config)
     server = RelayServer(local)
     await server.start()
     try:
