@@ -134,6 +134,20 @@ async def test_send_prints_the_outcome(tmp_path: Path, fake_apns, apns_key) -> N
     assert code == 1 and "outcome=TOKEN_INVALID" in out and "reason=Unregistered" in out
 
 
+async def test_send_works_on_a_config_with_callers(tmp_path: Path, fake_apns, apns_key) -> None:
+    # The configured service requires a bearer token; send's own throwaway relay must not.
+    path = write_config(tmp_path, fake_apns, apns_key)
+    (tmp_path / "chat-eu.token").write_text("s3cret-token-for-chat-eu\n")
+    data = json.loads(path.read_text())
+    data["clients"] = [{"name": "chat-eu", "token_file": "chat-eu.token", "apps": ["chat-ios"]}]
+    path.write_text(json.dumps(data))
+    code, out, err = await _run(
+        "send", "--config", str(path), "--app", "chat-ios", "--token", apns_token()
+    )
+    assert code == 0 and "outcome=DELIVERED" in out, out + err
+    assert out.strip().count("\n") == 0, "send prints one result line, no log noise"
+
+
 async def test_demo_runs_every_kind_and_mode_and_exits_zero() -> None:
     code, out, err = await _run("demo", timeout=120)
     assert code == 0, out + err
