@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
+import subprocess
+import sys
+from pathlib import Path
 
 import grpc
 import pytest
@@ -197,3 +201,47 @@ async def test_health_and_reflection(channel) -> None:
     async for answer in reflect.ServerReflectionInfo(iter([ask])):
         names = {s.name for s in answer.list_services_response.service}
     assert {"pushrelay.v1.PushRelay", "grpc.health.v1.Health"} <= names
+
+
+CLIENT = """
+import sys
+import grpc
+from pushrelay.v1 import relay_pb2, relay_pb2_grpc  # generated into this process's own path
+
+assert "/proto/" not in relay_pb2.__file__, relay_pb2.__file__
+with grpc.insecure_channel(sys.argv[1]) as channel:
+    stub = relay_pb2_grpc.PushRelayStub(channel)
+    request = relay_pb2.SendRequest(
+        request_id="independent",
+        notification=relay_pb2.Notification(
+            kind=relay_pb2.MISSED_CALL, sender_display_name="Bob", conversation_id="c-1"
+        ),
+        devices=[relay_pb2.Device(app_id="chat-ios", token=sys.argv[2])],
+    )
+    answer = stub.Send(request, timeout=10)
+    streamed = list(stub.SendStream(iter([request, request]), timeout=10))
+print(relay_pb2.Outcome.Name(answer.results[0].outcome), len(streamed))
+"""
+
+
+def _generate_client(directory: Path) -> None:
+    root = Path(__file__).resolve().parent.parent
+    protoc = [sys.executable, "-m", "grpc_tools.protoc", f"-I{root / 'proto'}",
+              f"--python_out={directory}", f"--grpc_python_out={directory}",
+              str(root / "proto/pushrelay/v1/relay.proto")]  # fmt: skip
+    subprocess.run(protoc, check=True, capture_output=True)
+    (directory / "client.py").write_text(CLIENT)
+
+
+async def test_a_client_generated_elsewhere_from_the_proto(tmp_path, relay, fake_apns) -> None:
+    # What an integrator does: run protoc on proto/ alone, in a fresh directory, and call the
+    # relay from a process that imports that generated code, not this repository's.
+    await asyncio.to_thread(_generate_client, tmp_path)
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, str(tmp_path / "client.py"), f"127.0.0.1:{relay.port}", apns_token(),
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, cwd=tmp_path,
+    )  # fmt: skip
+    out, err = await asyncio.wait_for(proc.communicate(), 60)
+    assert proc.returncode == 0, err.decode()
+    assert out.decode().split() == ["DELIVERED", "2"]
+    assert fake_apns.received[0].payload["aps"]["alert"]["loc-key"] == "MISSED_CALL"
