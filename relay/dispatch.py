@@ -12,10 +12,10 @@ import asyncio
 import logging
 import random
 import time
-import traceback
 
 from adapters.base import Adapter, Outcome, Push
 from relay.config import AppConfig
+from relay.logs import error_fields, fingerprint
 from relay.metrics import Metrics
 
 log = logging.getLogger("relay.dispatch")
@@ -42,8 +42,10 @@ class AppRuntime:
 
         The caller bounds the whole call by the deadline and may cancel it at any await.
         """
+        started = time.perf_counter()
         async with self._slots:
             outcome = await self._attempt(push)
+            attempts = 1
             for attempt in range(1, MAX_ATTEMPTS):
                 pause = _backoff(attempt, outcome)
                 if not outcome.retryable or _left(deadline) <= pause:
@@ -51,7 +53,9 @@ class AppRuntime:
                 await asyncio.sleep(pause)
                 self._metrics.provider_retries.labels(platform=self.platform).inc()
                 outcome = await self._attempt(push)
-            return outcome
+                attempts += 1
+        self._log_push(push, outcome, attempts, started)
+        return outcome
 
     async def _attempt(self, push: Push) -> Outcome:
         started = time.perf_counter()
@@ -60,11 +64,34 @@ class AppRuntime:
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # an adapter bug must cost one device, not the request
-            _log_failure(self.app.id, exc)
+            self._log_failure(push, exc)
             return Outcome.unavailable("InternalError", retryable=False)
         finally:
             elapsed = time.perf_counter() - started
             self._metrics.provider_duration.labels(platform=self.platform).observe(elapsed)
+
+    def _log_push(self, push: Push, outcome: Outcome, attempts: int, started: float) -> None:
+        # One line per device, at DEBUG: the token only as its keyed fingerprint, the provider's
+        # reason word, never the payload.
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug(
+                "push",
+                extra={
+                    "app": self.app.id,
+                    "platform": self.platform,
+                    "token_fp": fingerprint(push.token),
+                    "outcome": outcome.verdict.name,
+                    "reason": outcome.reason,
+                    "attempts": attempts,
+                    "duration_ms": round((time.perf_counter() - started) * 1000, 2),
+                },
+            )
+
+    def _log_failure(self, push: Push, exc: BaseException) -> None:
+        # The exception's message may hold whatever the adapter had in hand (a token, a
+        # payload): log its type and where it was raised, never its text or local variables.
+        fields = {"app": self.app.id, "token_fp": fingerprint(push.token)}
+        log.error("adapter raised", extra=fields | error_fields(exc, limit=5))
 
 
 def _backoff(attempt: int, outcome: Outcome) -> float:
@@ -76,11 +103,3 @@ def _backoff(attempt: int, outcome: Outcome) -> float:
 
 def _left(deadline: float) -> float:
     return deadline - asyncio.get_running_loop().time()
-
-
-def _log_failure(app_id: str, exc: BaseException) -> None:
-    # The exception's message may hold whatever the adapter had in hand (a token, a payload):
-    # log its type and where it was raised, never its text or local variables.
-    frames = traceback.extract_tb(exc.__traceback__)
-    where = [f"{f.filename.rsplit('/', 1)[-1]}:{f.lineno}:{f.name}" for f in frames[-5:]]
-    log.error("adapter raised", extra={"app": app_id, "error": type(exc).__name__, "where": where})

@@ -1,8 +1,11 @@
 """JSON-lines logging on stdout: one object per line, no content, no raw tokens.
 
-Fields come from ``extra=`` on each call; the formatter keeps only values of plain types, and
+Fields come from ``extra=`` on each call; the formatter keeps only values of plain types and
+never renders a record's ``args`` (a library's ``%s`` arguments may be URLs or headers), and
 tracebacks are rendered as frame locations without exception text or local variables (an
-exception's message may hold whatever the failing code had in hand).
+exception's message may hold whatever the failing code had in hand). A device token appears
+only as :func:`fingerprint`: a keyed HMAC, random per process unless
+:func:`use_fingerprint_key` sets the configured key.
 """
 
 from __future__ import annotations
@@ -11,10 +14,11 @@ import hashlib
 import hmac
 import json
 import logging
+import os
 import sys
 import time
 import traceback
-from typing import Any
+from typing import Any, TextIO
 
 # `message` and `asctime` hold text another formatter may already have rendered (a URL, say).
 _STANDARD = set(vars(logging.makeLogRecord({}))) | {"message", "asctime"}
@@ -38,20 +42,29 @@ class JsonFormatter(logging.Formatter):
             if key not in _STANDARD and isinstance(value, _PLAIN):
                 line[key] = value
         if record.exc_info and record.exc_info[1] is not None:
-            line["error"] = type(record.exc_info[1]).__name__
-            line["where"] = _frames(record.exc_info[2])
+            line.update(error_fields(record.exc_info[1]))
         return json.dumps(line, ensure_ascii=False, default=str)
 
 
-def _frames(tb: Any) -> list[str]:
-    return [
-        f"{f.filename.rsplit('/', 1)[-1]}:{f.lineno}:{f.name}" for f in traceback.extract_tb(tb)
-    ]
+def error_fields(exc: BaseException, *, limit: int | None = None) -> dict[str, Any]:
+    """An exception as log fields: its type and where it was raised, never its text or locals.
+
+    Args:
+        exc: the exception.
+        limit: keep only the innermost ``limit`` frames (all when None).
+    """
+    frames = traceback.extract_tb(exc.__traceback__)  # locations only: no locals captured
+    where = [f"{f.filename.rsplit('/', 1)[-1]}:{f.lineno}:{f.name}" for f in frames]
+    return {"error": type(exc).__name__, "where": where[-limit:] if limit else where}
 
 
-def setup_logging(level: str = "info") -> None:
-    """Send every log record to stdout as JSON lines (the CLI calls this; library users don't)."""
-    handler = logging.StreamHandler(sys.stdout)
+def setup_logging(level: str = "info", *, stream: TextIO | None = None) -> None:
+    """Send every log record to ``stream`` (stdout) as JSON lines.
+
+    The CLI calls this; library users don't. Protocol libraries (:data:`QUIET_LOGGERS`) stay at
+    WARNING whatever ``level`` says.
+    """
+    handler = logging.StreamHandler(stream or sys.stdout)
     handler.setFormatter(JsonFormatter())
     root = logging.getLogger()
     root.handlers[:] = [handler]
@@ -68,4 +81,21 @@ class Fingerprints:
         self._key = hmac.new(key, b"push-relay token fingerprint", hashlib.sha256).digest()
 
     def of(self, token: str) -> str:
+        """16 hex digits: enough to tell a device's lines apart, too few to be a token."""
         return hmac.new(self._key, token.encode(), hashlib.sha256).hexdigest()[:16]
+
+
+# Random per process: fingerprints then correlate lines within one process only, and a log
+# reader without the key cannot test a guessed token against them.
+_fingerprints = Fingerprints(os.urandom(32))
+
+
+def use_fingerprint_key(key: bytes) -> None:
+    """Fingerprint tokens with ``key`` (e.g. ``server.hmac_key_file``), stable across replicas."""
+    global _fingerprints
+    _fingerprints = Fingerprints(key or os.urandom(32))
+
+
+def fingerprint(token: str) -> str:
+    """The keyed fingerprint of a device token, the only form in which a token is logged."""
+    return _fingerprints.of(token)
