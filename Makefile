@@ -4,6 +4,8 @@
 #                tools some tests run (promtool, strace) with apt-get, when missing
 #   make check   format, lint, types and tests
 PYTHON ?= python3
+# The service writes no file, bytecode caches included: everything run from here runs so.
+export PYTHONDONTWRITEBYTECODE := 1
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp

@@ -32,6 +32,7 @@ from relay.dispatch import AppRuntime
 from relay.http import OpsHttpServer
 from relay.interceptors import RelayInterceptor
 from relay.limits import Clock, InflightGate, RateLimiter
+from relay.logs import use_fingerprint_key
 from relay.metrics import Metrics
 from relay.render import GroupingKeys
 from relay.service import RelayService, Snapshot
@@ -109,6 +110,7 @@ class RelayServer:
         return self._snapshot
 
     async def start(self) -> None:
+        use_fingerprint_key(self.config.server.hmac_key)
         _warn_about_callers(self.config)
         runtimes = await start_apps(self.config, self.metrics)
         self._snapshot = self._new_snapshot(self.config, runtimes)
