@@ -1,9 +1,9 @@
 """APNs adapter: Apple's HTTP/2 provider API, on aioapns 4.0 with its defects neutralized.
 
 aioapns is the fastest Python APNs client we measured (~1,700 pushes/s per process), so we keep
-its protocol and pool, subclassed in ``adapters/_apns_conn.py`` (never patched in place). The
-subclasses assume aioapns 4.0 exactly (``pyproject.toml`` pins it; :data:`TESTED_AIOAPNS`). What
-each fixes, and why:
+its protocol and pool, subclassed in ``adapters/_apns_conn.py`` and ``adapters/_apns_pool.py``
+(never patched in place). The subclasses assume aioapns 4.0 exactly (``pyproject.toml`` pins it;
+:data:`TESTED_AIOAPNS`). What each fixes, and why:
 
 1. Received DATA was never acknowledged, so the 64 KiB receive window only shrank: after ~1,200
    error bodies (410 ``Unregistered``...) on one connection every further error response hung.
@@ -52,13 +52,8 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from hpack import NeverIndexedHeaderTuple
 
-from adapters._apns_conn import (
-    ApnsResponse,
-    ConnectFailed,
-    FairPool,
-    Proxy,
-    protocol_class,
-)
+from adapters._apns_conn import ApnsResponse, ConnectFailed, protocol_class
+from adapters._apns_pool import FairPool, Proxy
 from adapters.base import Adapter, Outcome, Push, Verdict, encode_json
 
 TESTED_AIOAPNS = "4.0"

@@ -25,7 +25,8 @@ import pytest
 from aioapns.common import NotificationRequest, NotificationResult
 from aioapns.connection import APNsKeyConnectionPool, APNsTLSClientProtocol
 
-from adapters._apns_conn import ApnsProtocol, ApnsResponse, FairPool, protocol_class
+from adapters._apns_conn import ApnsProtocol, ApnsResponse, protocol_class
+from adapters._apns_pool import FairPool
 from adapters.apns import (
     DEFAULT_RETRY_AFTER_SECONDS,
     PRODUCTION_HOST,
