@@ -132,6 +132,7 @@ async def measure(apns: FakeAPNs, send: Send, args: argparse.Namespace) -> list[
 
 
 async def main(args: argparse.Namespace) -> int:
+    args.every = max(1, min(args.every, args.sends))  # at least one sample, whatever the counts
     key = ApnsKey.generate()
     async with FakeAPNs(keys=[key], topics=[TOPIC]) as apns:
         apns.mark_dead(token(0))  # one push in DEAD_EVERY goes to token 0
