@@ -92,7 +92,8 @@ class RelayInterceptor(grpc.aio.ServerInterceptor):
                     snap.gate.leave()
             except RelayError as error:
                 code = None  # counted by _refuse: the status leaves before abort returns
-                await _refuse(context, snap.metrics, method, started, error, caller)
+                rid = str(getattr(request, "request_id", ""))
+                await _refuse(context, snap.metrics, method, started, error, caller, rid)
             except BaseException as exc:
                 code = _code_of(exc, context)
                 raise
@@ -139,6 +140,7 @@ async def _refuse(
     started: float,
     error: RelayError,
     caller: Caller | None,
+    request_id: str = "",
 ) -> NoReturn:
     """Count, log and end the call with ``error``'s status (counted first: once ``abort`` has
     sent the status, the caller may already be reading the metrics)."""
@@ -146,7 +148,12 @@ async def _refuse(
     _observe(metrics, method, code, started)
     log.info(
         "refused",
-        extra={"method": method, "code": code.name, "client": caller.name if caller else ""},
+        extra={
+            "method": method,
+            "code": code.name,
+            "client": caller.name if caller else "",
+            "request_id": request_id,  # the caller's correlation id: no personal data by contract
+        },
     )
     trailers = (
         retry_trailers(code, str(error), error.retry_after_seconds)

@@ -104,15 +104,23 @@ async def test_the_right_token_is_served(guarded: RelayServer, fake_apns: FakeAP
     ids=["missing", "wrong", "empty"],
 )
 async def test_a_wrong_or_missing_token_is_unauthenticated(
-    guarded: RelayServer, fake_apns: FakeAPNs, token: str | None, message: str
+    guarded: RelayServer,
+    fake_apns: FakeAPNs,
+    token: str | None,
+    message: str,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
-    error = await refused(guarded, request(apns_token()), token=token)
+    with caplog.at_level(logging.INFO, logger="relay.interceptors"):
+        error = await refused(guarded, request(apns_token(), request_id="rid-77"), token=token)
     assert error.code() == grpc.StatusCode.UNAUTHENTICATED
     assert (error.details() or "").startswith(message)
     if token:
         assert token not in (error.details() or "")
+        assert token not in caplog.text
     assert fake_apns.received == []
     assert requests_counted(guarded, "UNAUTHENTICATED") == 1
+    (line,) = [r for r in caplog.records if r.getMessage() == "refused"]
+    assert (line.code, line.request_id) == ("UNAUTHENTICATED", "rid-77")  # type: ignore[attr-defined]
 
 
 @pytest.mark.parametrize(
