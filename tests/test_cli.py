@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 import os
 import signal
@@ -13,8 +14,11 @@ import pytest
 
 from pushrelay.v1 import relay_pb2 as pb
 from relay.client import RelayClient
+from relay.testing.configs import vapid_key_pem
 from relay.testing.credentials import ApnsKey
 from relay.testing.fake_apns import FakeAPNs
+from relay.testing.fake_fcm import FakeFCM
+from relay.testing.fake_webpush import FakeWebPush
 from tests.support import TOPIC, apns_token, request
 
 ENV = {**os.environ, "PYTHONDONTWRITEBYTECODE": "1"}
@@ -155,3 +159,45 @@ async def test_demo_runs_every_kind_and_mode_and_exits_zero() -> None:
     assert "TOKEN_INVALID (Unregistered)" in out and "TOKEN_INVALID (UNREGISTERED)" in out
     assert out.count("TOKEN_INVALID") == 3
     assert "REJECTED (TopicDisallowed)" in out
+
+
+async def test_send_works_for_fcm_and_web_push(tmp_path: Path, pki) -> None:
+    async with FakeFCM(pki=pki) as fcm, FakeWebPush(pki=pki) as webpush:
+        (tmp_path / "sa.json").write_text(fcm.service_account().to_json())
+        (tmp_path / "vapid.pem").write_bytes(vapid_key_pem())
+        (tmp_path / "ca.pem").write_bytes(pki.ca_pem)
+        common = {"endpoint": fcm.url, "ca_file": "ca.pem"}
+        config = {
+            "server": {"listen": "127.0.0.1:0", "http_listen": "127.0.0.1:0"},
+            "apps": [
+                {"id": "chat-android", "platform": "fcm", "service_account_file": "sa.json",
+                 **common},
+                {"id": "chat-web", "platform": "webpush", "ca_file": "ca.pem",
+                 "vapid": {"private_key_file": "vapid.pem", "subject": "mailto:ops@example.com"},
+                 "allowed_endpoints": ["127.0.0.1"]},
+            ],
+        }  # fmt: skip
+        path = tmp_path / "relay.yaml"
+        path.write_text(json.dumps(config))
+        code, out, err = await _run(
+            "send",
+            "--config",
+            str(path),
+            "--app",
+            "chat-android",
+            "--token",
+            "fcm-registration-token-123",
+            "--kind",
+            "invitation",
+        )
+        assert code == 0 and "outcome=DELIVERED" in out, out + err
+        assert fcm.received[0].target == "fcm-registration-token-123"
+        sub = webpush.subscribe()
+        b64 = base64.urlsafe_b64encode
+        code, out, err = await _run(
+            "send", "--config", str(path), "--app", "chat-web", "--token", sub.endpoint,
+            "--p256dh", b64(sub.keys.p256dh).decode().rstrip("="),
+            "--auth", b64(sub.keys.auth).decode().rstrip("="), "--preview", "hello from send",
+        )  # fmt: skip
+        assert code == 0 and "outcome=DELIVERED" in out, out + err
+        assert b"hello from send" in (webpush.received[0].plaintext or b"")
