@@ -10,7 +10,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: demo test test-tools check lint types format proto
+.PHONY: demo test test-tools bytecode check lint types format proto
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -18,11 +18,17 @@ $(STAMP): pyproject.toml constraints.txt
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check -c constraints.txt -e '.[dev]'
 	touch $(STAMP)
 
-demo: $(STAMP)
+demo: $(STAMP) bytecode
 	$(BIN)/push-relay demo
 
-test: $(STAMP) test-tools
+test: $(STAMP) test-tools bytecode
 	$(BIN)/python -m pytest
+
+# Bytecode is compiled here, ahead of any run, so that even `push-relay serve` started by hand
+# without PYTHONDONTWRITEBYTECODE finds every cache fresh and writes none (only stale ones are
+# recompiled). The image does the same at build time.
+bytecode: $(STAMP)
+	@$(BIN)/python -m compileall -q relay adapters proto/pushrelay
 
 # System tools some tests run (promtool, strace): installed when missing, as root with apt-get.
 test-tools:
