@@ -84,10 +84,15 @@ class Snapshot:
     gate: InflightGate
     usage: Usage = field(default_factory=Usage, compare=False)
 
+    @functools.cached_property
+    def configs(self) -> Mapping[str, AppConfig]:
+        """The apps' configs by id, as validation reads them (derived once per snapshot)."""
+        return {app_id: runtime.app for app_id, runtime in self.apps.items()}
+
 
 @dataclass(frozen=True, slots=True)
 class _Job:
-    runtime: AppRuntime | None
+    runtime: AppRuntime
     push: Push | None
     privacy: Privacy
     immediate: Outcome | None = None
@@ -200,7 +205,7 @@ class RelayService(relay_pb2_grpc.PushRelayServicer):
         return results
 
     def _start(self, snap: Snapshot, job: _Job, deadline: float) -> asyncio.Task[Outcome]:
-        assert job.runtime is not None and job.push is not None
+        assert job.push is not None
         task = asyncio.create_task(_tracked(snap.metrics, job.runtime.deliver(job.push, deadline)))
         # A task still running at the deadline is cancelled and forgotten by the request;
         # keep a reference until it has unwound, so it is never destroyed while pending.
@@ -222,10 +227,6 @@ def _release(slots: asyncio.Semaphore, gate: InflightGate, _: object) -> None:
     gate.leave()
 
 
-def _configs(snap: Snapshot) -> Mapping[str, AppConfig]:
-    return {app_id: runtime.app for app_id, runtime in snap.apps.items()}
-
-
 def _admitted(snap: Snapshot, request: pb.SendRequest) -> Message:
     """The request's message once its size, content and the caller's apps are checked.
 
@@ -234,7 +235,7 @@ def _admitted(snap: Snapshot, request: pb.SendRequest) -> Message:
         PermissionDenied: a device names an app the caller may not use.
     """
     check_size(request.ByteSize(), snap.limits)
-    message = validated(request, _configs(snap), snap.limits)
+    message = validated(request, snap.configs, snap.limits)
     check_apps(current_caller(), [device.app_id for device in request.devices])
     return message
 
@@ -264,8 +265,10 @@ def _finished(task: asyncio.Task[Outcome]) -> Outcome:
     if not task.done():
         task.cancel()
         return DEADLINE_EXCEEDED
-    if task.cancelled() or task.exception() is not None:
-        return DEADLINE_EXCEEDED if task.cancelled() else Outcome.unavailable("InternalError")
+    if task.cancelled():
+        return DEADLINE_EXCEEDED
+    if task.exception() is not None:
+        return Outcome.unavailable("InternalError")
     return task.result()
 
 
@@ -304,9 +307,8 @@ def _refused_all(request: pb.SendRequest, error: RelayError) -> list[pb.DeviceRe
 
 
 def _count(snap: Snapshot, message: Message, job: _Job, outcome: Outcome) -> None:
-    platform = job.runtime.platform if job.runtime else "unknown"
     snap.metrics.notifications.labels(
-        kind=kind_label(message.kind), platform=platform, outcome=outcome.verdict.name
+        kind=kind_label(message.kind), platform=job.runtime.platform, outcome=outcome.verdict.name
     ).inc()
 
 
