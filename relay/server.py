@@ -63,12 +63,15 @@ async def close_apps(runtimes: Mapping[str, AppRuntime]) -> None:
 
 
 def grouping_keys(secret: bytes) -> GroupingKeys:
+    """The grouping keys derived from ``secret`` (``server.hmac_key_file``, or the process's)."""
+    return GroupingKeys(hmac.new(secret, b"push-relay grouping", hashlib.sha256).digest())
+
+
+def _warn_without_hmac_key(config: Config) -> None:
     # A configured secret keeps grouping keys identical across replicas and restarts; without
     # one each process draws its own, and a conversation's pushes group per replica only.
-    if not secret:
+    if not config.server.hmac_key:
         log.warning("server.hmac_key_file not set: grouping keys are random per process")
-        secret = os.urandom(32)
-    return GroupingKeys(hmac.new(secret, b"push-relay grouping", hashlib.sha256).digest())
 
 
 class RelayServer:
@@ -87,6 +90,9 @@ class RelayServer:
         self.draining = False
         self.ops = OpsHttpServer(self.metrics.exposition, self.ready)
         self._clock = clock
+        # Drawn once, so that without a configured key the grouping keys still hold steady
+        # across reloads for the life of the process.
+        self._process_secret = os.urandom(32)
         self._gate = InflightGate()
         self._snapshot: Snapshot | None = None
         self._server: grpc.aio.Server | None = None
@@ -112,6 +118,7 @@ class RelayServer:
     async def start(self) -> None:
         use_fingerprint_key(self.config.server.hmac_key)
         _warn_about_callers(self.config)
+        _warn_without_hmac_key(self.config)
         runtimes = await start_apps(self.config, self.metrics)
         self._snapshot = self._new_snapshot(self.config, runtimes)
         server = grpc.aio.server(
@@ -146,7 +153,7 @@ class RelayServer:
         return Snapshot(
             apps=runtimes,
             limits=config.limits,
-            grouping=grouping_keys(config.server.hmac_key),
+            grouping=grouping_keys(config.server.hmac_key or self._process_secret),
             metrics=self.metrics,
             auth=Authenticator(config.clients),
             rates=RateLimiter(config.clients, self._clock, old.rates if old else None),
@@ -173,6 +180,7 @@ class RelayServer:
         """
         _warn_restart_needed(self.config, config)
         _warn_about_callers(config)
+        _warn_without_hmac_key(config)
         runtimes = await start_apps(config, self.metrics)
         self.metrics.track_credential_expiry(config.apps.values())
         old = self._snapshot

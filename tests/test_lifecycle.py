@@ -175,3 +175,18 @@ def _rotate(config: Path, key: ApnsKey) -> None:
 def _kid(headers: dict[str, str]) -> str:
     token = headers["authorization"].split(" ", 1)[1]
     return str(jwt.get_unverified_header(token)["kid"])
+
+
+async def test_grouping_keys_hold_across_a_reload_without_a_configured_key(
+    start_relay, fake_apns: FakeAPNs, apns_key: ApnsKey
+) -> None:
+    # Without server.hmac_key_file the secret is the process's own: a reload must not draw a
+    # new one, or a conversation's pushes would stop grouping with the ones before it.
+    config = local_config([apns_app(fake_apns, apns_key)], hmac_key=b"")
+    relay = await start_relay(config)
+    async with RelayClient(f"127.0.0.1:{relay.port}") as client:
+        await client.send(request(apns_token()), timeout=10)
+        await relay.reload(config)
+        await client.send(request(apns_token()), timeout=10)
+    before, after = (push.payload["aps"]["thread-id"] for push in fake_apns.received)
+    assert before == after
