@@ -25,6 +25,8 @@ import jwt
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
+from adapters import base
+
 log = logging.getLogger("adapters.fcm")
 
 FCM_SCOPE = "https://www.googleapis.com/auth/firebase.messaging"
@@ -243,8 +245,4 @@ def _positive_number(value: object) -> TypeGuard[float]:
 
 def json_object(response: httpx.Response) -> dict[str, Any]:
     """The response body as a JSON object; {} when it is anything else."""
-    try:
-        body = response.json()
-    except ValueError:
-        return {}
-    return body if isinstance(body, dict) else {}
+    return base.json_object(response.content)

@@ -1,62 +1,49 @@
-"""APNs adapter: Apple's HTTP/2 provider API, on aioapns 4.0 with its defects neutralized.
+"""APNs adapter: Apple's HTTP/2 provider API over the shared libcurl transport.
 
-aioapns is the fastest Python APNs client we measured (~1,700 pushes/s per process), so we keep
-its protocol and pool, subclassed in ``adapters/_apns_conn.py`` and ``adapters/_apns_pool.py``
-(never patched in place). The subclasses assume aioapns 4.0 exactly (``pyproject.toml`` pins it;
-:data:`TESTED_AIOAPNS`). What each fixes, and why:
+Until this module moved to ``adapters/_transport.py`` it ran on aioapns 4.0, whose pure-Python
+h2 stack cost ~300 µs of CPU per push and had eight defects to work around (see
+``shared/reference/aioapns.md``). The transport (libcurl + nghttp2) has none of them, and each
+is still tested here against the strict fake APNs:
 
-1. Received DATA was never acknowledged, so the 64 KiB receive window only shrank: after ~1,200
-   error bodies (410 ``Unregistered``...) on one connection every further error response hung.
-   Every DATA frame is now acknowledged as it arrives.
-2. Per-send state leaked on success (~290 bytes a push). State now lives in one dict keyed by
-   stream id and is removed however the stream ends: response, RST_STREAM, cancellation,
-   connection loss. h2's own closed-stream memory is capped too.
-3. Responses were matched by ``apns-id``, so two pushes sharing an id lost one answer. They are
-   matched by stream id, and every push carries its own ``apns-id`` (``Push.push_id`` or uuid4).
-4. An error body split across DATA frames broke the JSON parse: bodies are reassembled and
-   parsed once the stream ends.
-5. No per-send timeout: a stalled stream waited forever. The relay cancels ``send`` at its
-   deadline, which resets the stream and frees its slot; ``send_timeout_seconds`` is a generous
-   backstop of our own.
-6. Connections closed after 10 s idle, while Apple asks providers to keep them for hours: they
-   stay open and send a PING after ``idle_ping_seconds`` without traffic (closed if unanswered).
-7. The CONNECT-proxy path failed on Python 3.11+ and uvloop (the proxy transport's socket was
-   reused while still owned). The tunnel is now set up on a plain socket before TLS starts.
-8. A full pool busy-waited with ``sleep(0.01)`` in no order. Waiters queue on futures and are
-   woken oldest first, exactly when a stream slot frees or a connection opens.
-9. The pool called ``asyncio.get_event_loop()`` in its constructor: :meth:`ApnsAdapter.create`
-   builds it inside the running loop.
+1. Received DATA is acknowledged by nghttp2, so error floods (5,000 ``Unregistered`` answers on
+   one connection) never exhaust the receive window.
+2. Nothing per push outlives its request: the easy handle goes back to a free list.
+3. Answers are matched by stream, not by ``apns-id``; every push still carries its own
+   ``apns-id`` (``Push.push_id`` or a fresh uuid4).
+4. Error bodies split across DATA frames are reassembled before they are parsed.
+5. ``send`` may be cancelled at any time (the relay's deadline): the stream is reset and its slot
+   freed; ``send_timeout_seconds`` is a backstop of our own.
+6. Connections stay open while idle (Apple asks providers to keep them), with TCP keepalive
+   after ``idle_ping_seconds`` to find a peer that vanished.
+7. The HTTP CONNECT proxy and certificate auth are libcurl's own, on any event loop.
+8. Requests beyond the connections' stream slots queue inside libcurl, in arrival order.
 
-Also: Apple's sandbox host is ``api.sandbox.push.apple.com`` (aioapns has the legacy alias), the
-provider token is shared by all connections of an app and re-minted once on 403
-``ExpiredProviderToken``, and the server's ``MAX_CONCURRENT_STREAMS`` is honoured from its first
-SETTINGS frame. Nothing here logs a device token, a payload or any other request content.
+Also: Apple's sandbox host is ``api.sandbox.push.apple.com``; the provider token is shared by all
+connections of an app and re-minted once on 403 ``ExpiredProviderToken``; after answers that end
+a connection's usefulness (``Shutdown``, ``IdleTimeout``, ``TooManyProviderTokenUpdates``) new
+pushes ride new connections, and ``UnrelatedKeyIdInToken`` is retried once on a fresh one. The
+server's ``MAX_CONCURRENT_STREAMS`` is honoured from its first SETTINGS frame. Nothing here logs
+a device token, a payload or any other request content.
 """
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import re
-import ssl
 import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from importlib import metadata
 from typing import Any
 from urllib.parse import urlsplit
 
 import jwt
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
-from hpack import NeverIndexedHeaderTuple
 
-from adapters._apns_conn import ApnsResponse, ConnectFailed, protocol_class
-from adapters._apns_pool import FairPool, Proxy
-from adapters.base import Adapter, Outcome, Push, Verdict, encode_json
+from adapters._transport import Response, Transport, TransportError, TransportSettings
+from adapters.base import Adapter, Outcome, Push, Verdict, encode_json, json_object
 
-TESTED_AIOAPNS = "4.0"
 PRODUCTION_HOST = "api.push.apple.com"
 SANDBOX_HOST = "api.sandbox.push.apple.com"
 DEFAULT_RETRY_AFTER_SECONDS = 60  # 429 without Retry-After: Apple only says "retry with a delay"
@@ -125,49 +112,83 @@ class ProviderToken:
         self._minted_at = time.monotonic()
 
 
+@dataclass(slots=True)
+class ApnsResponse:
+    """APNs's answer to one request; ``status`` 0 means there was none and ``reason`` says why."""
+
+    status: int
+    reason: str = ""
+    apns_id: str = ""
+    timestamp_ms: int = 0
+    retry_after: int | None = None
+
+    @classmethod
+    def of(cls, response: Response, apns_id: str) -> ApnsResponse:
+        reason, timestamp_ms = "", 0
+        if response.status != 200:
+            document = json_object(response.body)
+            word = document.get("reason")
+            reason = word if isinstance(word, str) else ""
+            stamp = document.get("timestamp")
+            if isinstance(stamp, int | float) and not isinstance(stamp, bool) and stamp > 0:
+                timestamp_ms = int(stamp)
+        return cls(
+            response.status,
+            reason,
+            response.header("apns-id") or apns_id,
+            timestamp_ms,
+            _retry_after(response.header("retry-after")),
+        )
+
+
 class ApnsAdapter(Adapter[ApnsSettings]):
-    """Sends pushes to one app's APNs environment over a small pool of HTTP/2 connections."""
+    """Sends pushes to one app's APNs environment over a few multiplexed HTTP/2 connections."""
 
     platform = "apns"
 
-    def __init__(self, settings: ApnsSettings, pool: FairPool, auth: ProviderToken | None) -> None:
+    def __init__(
+        self, settings: ApnsSettings, transport: Transport, auth: ProviderToken | None, base: str
+    ) -> None:
         self._settings = settings
-        self._pool = pool
+        self._transport = transport
         self._auth = auth
-        host, port = pool.protocol_class.APNS_SERVER, pool.protocol_class.APNS_PORT
-        authority = f"[{host}]" if ":" in host else host
-        self._fixed = [
-            (b":method", b"POST"),
-            (b":scheme", b"https"),
-            (b":authority", (authority if port == 443 else f"{authority}:{port}").encode()),
-        ]
-        self._topic = settings.topic.encode()
+        self._base = f"{base}/3/device/"
+        self._topic = b"apns-topic: " + settings.topic.encode()
         self._closed = False
 
     @classmethod
     async def create(cls, settings: ApnsSettings) -> ApnsAdapter:
-        """Build the adapter and its pool in the running loop; connections open on demand.
+        """Build the adapter and its transport in the running loop; connections open on demand.
 
         Raises:
             ValueError: the settings are unusable (message names the field, never its value).
         """
-        _check_aioapns_version()
-        host, port = _endpoint(settings)
-        pool = FairPool(
-            protocol=protocol_class(host, port),
-            ssl_context=_ssl_context(settings),
-            topic=settings.topic,
-            max_connections=settings.max_connections,
-            max_streams=settings.max_streams_per_connection,
-            connect_timeout=settings.connect_timeout_seconds,
-            idle_ping_seconds=settings.idle_ping_seconds,
-            proxy=Proxy.parse(settings.proxy) if settings.proxy else None,
+        base = _endpoint(settings)
+        if bool(settings.key_pem) == bool(settings.cert_file):
+            raise ValueError("auth: set exactly one of key_pem (token auth) or cert_file")
+        auth = _provider_token(settings)
+        transport = Transport(
+            TransportSettings(
+                ca_pem=settings.ca_pem,
+                cert_file=settings.cert_file,
+                proxy=settings.proxy,
+                max_connections=settings.max_connections,
+                max_streams=settings.max_streams_per_connection,
+                connect_timeout_seconds=settings.connect_timeout_seconds,
+                timeout_seconds=settings.send_timeout_seconds,
+                keepalive_seconds=max(1, int(settings.idle_ping_seconds)),
+            )
         )
-        return cls(settings, pool, _provider_token(settings))
+        return cls(settings, transport, auth, base)
 
     @property
     def ready(self) -> bool:
         return not self._closed
+
+    @property
+    def base_url(self) -> str:
+        """Where pushes go: ``https://host[:port]``."""
+        return self._base.removesuffix("/3/device/")
 
     async def send(self, push: Push) -> Outcome:
         if self._closed:
@@ -180,51 +201,53 @@ class ApnsAdapter(Adapter[ApnsSettings]):
         body = push.payload if isinstance(push.payload, bytes) else encode_json(push.payload)
         response = await self._send_once(push, apns_id, body)
         if response.status == 403 and response.reason in _RETRY_ONCE:
-            response = await self._send_once(push, apns_id, body)
+            fresh = response.reason == "UnrelatedKeyIdInToken"
+            response = await self._send_once(push, apns_id, body, fresh=fresh)
         return to_outcome(response)
 
     async def aclose(self) -> None:
         if not self._closed:
             self._closed = True
-            await self._pool.aclose()
+            await self._transport.aclose()
 
-    async def _send_once(self, push: Push, apns_id: str, body: bytes) -> ApnsResponse:
+    async def _send_once(
+        self, push: Push, apns_id: str, body: bytes, *, fresh: bool = False
+    ) -> ApnsResponse:
         authorization = self._auth.get_header() if self._auth is not None else ""
         headers = self._headers(push, apns_id, authorization)
         try:
-            async with asyncio.timeout(self._settings.send_timeout_seconds):
-                conn = await self._pool.acquire()
-                response = await conn.send_request(headers, body)
-        except TimeoutError:
-            return ApnsResponse(0, "Timeout")
-        except ConnectFailed as exc:
-            return ApnsResponse(0, f"ConnectFailed:{exc}")
-        self._after(response, authorization)
-        return response
-
-    def _headers(self, push: Push, apns_id: str, authorization: str) -> list[tuple[bytes, bytes]]:
-        headers = [
-            *self._fixed,
-            # Unique per push: indexing them would only churn the HPACK table.
-            NeverIndexedHeaderTuple(b":path", b"/3/device/" + push.token.encode("ascii")),
-            NeverIndexedHeaderTuple(b"apns-id", apns_id.encode("ascii")),
-            (b"apns-topic", self._topic),
-            (b"apns-push-type", b"background" if push.background else b"alert"),
-            (b"apns-priority", b"10" if push.high_priority and not push.background else b"5"),
-            (b"apns-expiration", _expiration(push.ttl_seconds)),
-        ]
-        if push.collapse_key:
-            headers.append((b"apns-collapse-id", push.collapse_key.encode()))
-        if authorization:
-            headers.append((b"authorization", authorization.encode("ascii")))
-        return headers
-
-    def _after(self, response: ApnsResponse, authorization: str) -> None:
-        """Connection and credential upkeep an answer calls for."""
+            answer = await self._transport.request(
+                self._base + push.token, headers, body, fresh_connection=fresh
+            )
+        except TransportError as exc:
+            return ApnsResponse(0, exc.reason)
+        response = ApnsResponse.of(answer, apns_id)
         if response.reason == "ExpiredProviderToken" and self._auth is not None:
             self._auth.refresh(authorization)
-        if response.reason in _RETIRE_CONNECTION and response.connection is not None:
-            response.connection.retire()
+        if response.reason in _RETIRE_CONNECTION:
+            self._transport.retire(answer)
+        return response
+
+    def _headers(self, push: Push, apns_id: str, authorization: str) -> list[bytes]:
+        headers = [
+            b"apns-id: " + apns_id.encode("ascii"),
+            self._topic,
+            b"apns-push-type: background" if push.background else b"apns-push-type: alert",
+            b"apns-priority: 10"
+            if push.high_priority and not push.background
+            else b"apns-priority: 5",
+            b"apns-expiration: " + _expiration(push.ttl_seconds),
+            *_NO_DEFAULT_HEADERS,
+        ]
+        if push.collapse_key:
+            headers.append(b"apns-collapse-id: " + push.collapse_key.encode())
+        if authorization:
+            headers.append(b"authorization: " + authorization.encode("ascii"))
+        return headers
+
+
+# libcurl's defaults that APNs has no use for: sent empty, they are left out.
+_NO_DEFAULT_HEADERS = (b"Accept:", b"Content-Type:")
 
 
 # -- outcomes ---------------------------------------------------------------------------------
@@ -280,35 +303,22 @@ def _valid_header_value(value: str, max_bytes: int) -> bool:
     return value.isprintable() and value.strip() == value and 0 < len(raw) <= max_bytes
 
 
-def _endpoint(settings: ApnsSettings) -> tuple[str, int]:
+def _endpoint(settings: ApnsSettings) -> str:
+    """``https://host[:port]`` pushes go to (Apple's host for the environment by default)."""
     if not _valid_header_value(settings.topic, 255) or " " in settings.topic:
         raise ValueError("topic: expected a bundle id")
     if settings.environment not in ("production", "sandbox"):
         raise ValueError("environment: must be production or sandbox")
     if not settings.endpoint:
-        return (SANDBOX_HOST if settings.environment == "sandbox" else PRODUCTION_HOST), 443
+        return "https://" + (SANDBOX_HOST if settings.environment == "sandbox" else PRODUCTION_HOST)
     parts = urlsplit(settings.endpoint)
     if parts.scheme != "https" or not parts.hostname or parts.path not in ("", "/"):
         raise ValueError("endpoint: expected https://host[:port]")
-    return parts.hostname, parts.port or 443
+    return settings.endpoint.rstrip("/")
 
 
-def _ssl_context(settings: ApnsSettings) -> ssl.SSLContext:
-    if bool(settings.key_pem) == bool(settings.cert_file):
-        raise ValueError("auth: set exactly one of key_pem (token auth) or cert_file")
-    ctx = ssl.create_default_context()
-    ctx.set_alpn_protocols(["h2"])
-    if settings.ca_pem:
-        try:
-            ctx.load_verify_locations(cadata=settings.ca_pem.decode("ascii"))
-        except (ssl.SSLError, UnicodeDecodeError) as exc:
-            raise ValueError("ca_pem: not PEM certificates") from exc
-    if settings.cert_file:
-        try:
-            ctx.load_cert_chain(settings.cert_file)
-        except (OSError, ssl.SSLError) as exc:
-            raise ValueError("cert_file: cannot load a certificate and key from it") from exc
-    return ctx
+def _retry_after(value: str | None) -> int | None:
+    return int(value) if value is not None and value.isdigit() else None
 
 
 def _provider_token(settings: ApnsSettings) -> ProviderToken | None:
@@ -323,13 +333,3 @@ def _provider_token(settings: ApnsSettings) -> ProviderToken | None:
     if not isinstance(key, ec.EllipticCurvePrivateKey) or key.curve.name != "secp256r1":
         raise ValueError("key_pem: APNs keys are P-256 (ES256)")
     return ProviderToken(key, settings.key_id, settings.team_id)
-
-
-def _check_aioapns_version() -> None:
-    installed = metadata.version("aioapns")
-    if installed != TESTED_AIOAPNS:
-        logger.warning(
-            "aioapns %s installed; the APNs adapter's fixes were tested on %s",
-            installed,
-            TESTED_AIOAPNS,
-        )

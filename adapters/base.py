@@ -102,6 +102,15 @@ def encode_json(payload: Mapping[str, Any]) -> bytes:
     return json.dumps(payload, ensure_ascii=False, separators=(",", ":")).encode()
 
 
+def json_object(body: bytes) -> dict[str, Any]:
+    """A provider's answer body as a JSON object; {} when it is anything else."""
+    try:
+        document = json.loads(body)
+    except ValueError:
+        return {}
+    return document if isinstance(document, dict) else {}
+
+
 SettingsT = TypeVar("SettingsT")
 
 

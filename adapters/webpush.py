@@ -1,15 +1,17 @@
-"""Web Push adapter: RFC 8030 delivery, RFC 8291 encryption, RFC 8292 VAPID, over httpx.
+"""Web Push adapter: RFC 8030 delivery, RFC 8291 encryption, RFC 8292 VAPID, over libcurl.
 
 Also serves UnifiedPush distributors, which speak Web Push. Not pywebpush: its async path is
 aiohttp and its default TTL of 0 drops pushes to offline devices. Instead ``adapters/_ece.py``
-encrypts, ``adapters/_vapid.py`` signs and an ``httpx.AsyncClient`` (HTTP/2 when the service
-offers it) posts.
+encrypts, ``adapters/_vapid.py`` signs and the shared transport (``adapters/_transport.py``:
+HTTP/2 when the service offers it, HTTP/1.1 otherwise) posts.
 
 The endpoint URL comes from the caller, so it is an SSRF vector: :func:`check_endpoint` allows
 only ``https`` URLs whose host matches the app's ``allowed_endpoints`` (deny by default), the
 relay calls it while validating a request and :meth:`WebPushAdapter.send` checks again, and
-redirects are never followed. An endpoint URL is a bearer capability: it appears in no log line
-and no outcome (httpx's own request log line is cut down to the origin, see ``_RedactUrls``).
+redirects are never followed. The URL is parsed once, by httpx's parser, and libcurl is handed
+the URL rebuilt from the parts that were checked (:func:`_canonical`), so the check and the
+connection cannot disagree about the host. An endpoint URL is a bearer capability: it appears
+in no log line and no outcome; the transport logs nothing.
 
 Responses: 2xx → DELIVERED; 404/410 → TOKEN_INVALID; 429 → RATE_LIMITED; 5xx → UNAVAILABLE
 (retryable); 3xx and other 4xx (400, 401, 403, 413, ...) → REJECTED.
@@ -18,20 +20,18 @@ Responses: 2xx → DELIVERED; 404/410 → TOKEN_INVALID; 429 → RATE_LIMITED; 5
 from __future__ import annotations
 
 import email.utils
-import json
 import logging
 import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
 
 import httpx
 
 from adapters._ece import Encrypt, encrypt
-from adapters._http import provider_client
+from adapters._transport import Response, Transport, TransportError, TransportSettings
 from adapters._vapid import VapidSigner, load_vapid_key
-from adapters.base import Adapter, Outcome, Push, Verdict, encode_json
+from adapters.base import Adapter, Outcome, Push, Verdict, encode_json, json_object
 
 __all__ = ["WebPushAdapter", "WebPushSettings", "check_endpoint"]
 
@@ -39,7 +39,6 @@ log = logging.getLogger(__name__)
 
 # Real endpoints are 150-400 characters; anything far longer is not a push subscription.
 MAX_ENDPOINT_CHARS = 2048
-_REQUEST_TIMEOUT = httpx.Timeout(10.0, connect=5.0)
 _MAX_RESPONSE_BYTES = 4096  # error bodies are a short JSON reason; never buffer more
 _MAX_RETRY_AFTER_SECONDS = 24 * 3600
 _URL_CHARS = re.compile(r"[\x21-\x7e]+")  # printable ASCII: no spaces, controls or Unicode
@@ -143,21 +142,9 @@ def _origin(url: httpx.URL) -> str:
     return f"{url.scheme}://{host}{port}"
 
 
-class _RedactUrls(logging.Filter):
-    """Cuts the URL in httpx's "HTTP Request: POST <url>" log line down to its origin."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        if isinstance(record.args, tuple):
-            record.args = tuple(
-                _origin(arg) if isinstance(arg, httpx.URL) else arg for arg in record.args
-            )
-        return True
-
-
-# httpx logs every request's full URL at INFO, and a Web Push URL is the device's token.
-_httpx_log = logging.getLogger("httpx")
-if not any(isinstance(f, _RedactUrls) for f in _httpx_log.filters):
-    _httpx_log.addFilter(_RedactUrls())
+def _canonical(url: httpx.URL) -> str:
+    """The URL libcurl is given: rebuilt from the checked origin and the encoded path+query."""
+    return _origin(url) + url.raw_path.decode("ascii")
 
 
 class WebPushAdapter(Adapter[WebPushSettings]):
@@ -165,11 +152,11 @@ class WebPushAdapter(Adapter[WebPushSettings]):
 
     Args:
         settings: the app's settings.
-        client: the HTTP client; it must not follow redirects. Closed by :meth:`aclose` only when
-            ``owns_client``.
+        transport: the HTTP transport (it never follows redirects). Closed by :meth:`aclose`
+            only when ``owns_transport``.
         signer: the VAPID signer for the app's key.
         encrypt: the encryption step (RFC 8291 by default); see ``adapters/_ece.py``.
-        owns_client: whether :meth:`aclose` closes ``client``.
+        owns_transport: whether :meth:`aclose` closes ``transport``.
     """
 
     platform = "webpush"
@@ -177,17 +164,17 @@ class WebPushAdapter(Adapter[WebPushSettings]):
     def __init__(
         self,
         settings: WebPushSettings,
-        client: httpx.AsyncClient,
+        transport: Transport,
         signer: VapidSigner,
         *,
         encrypt: Encrypt = encrypt,
-        owns_client: bool = False,
+        owns_transport: bool = False,
     ) -> None:
         self._settings = settings
-        self._client = client
+        self._transport = transport
         self._signer = signer
         self._encrypt = encrypt
-        self._owns_client = owns_client
+        self._owns_transport = owns_transport
         self._closed = False
 
     @classmethod
@@ -195,7 +182,7 @@ class WebPushAdapter(Adapter[WebPushSettings]):
         cls,
         settings: WebPushSettings,
         *,
-        client: httpx.AsyncClient | None = None,
+        transport: Transport | None = None,
         clock: Callable[[], float] = time.time,
         encrypt: Encrypt = encrypt,
     ) -> WebPushAdapter:
@@ -203,8 +190,8 @@ class WebPushAdapter(Adapter[WebPushSettings]):
 
         Args:
             settings: the app's settings.
-            client: an HTTP client to use instead of the adapter's own (tests); the caller
-                closes it.
+            transport: an HTTP transport to use instead of the adapter's own (tests); the
+                caller closes it.
             clock: epoch seconds for VAPID token expiry; injectable for tests.
             encrypt: the encryption step.
 
@@ -218,11 +205,13 @@ class WebPushAdapter(Adapter[WebPushSettings]):
         if not settings.subject.startswith(("mailto:", "https:")):
             raise ValueError(f"app {settings.app_id}: VAPID subject must be mailto: or https:")
         signer = VapidSigner(key, settings.subject, clock=clock)
-        owns = client is None
-        client = client or provider_client(
-            ca_pem=settings.ca_pem, proxy=settings.proxy, timeout=_REQUEST_TIMEOUT
-        )
-        return cls(settings, client, signer, encrypt=encrypt, owns_client=owns)
+        owns = transport is None
+        if transport is None:
+            try:
+                transport = Transport(transport_settings(settings))
+            except ValueError as exc:
+                raise ValueError(f"app {settings.app_id}: {exc}") from None
+        return cls(settings, transport, signer, encrypt=encrypt, owns_transport=owns)
 
     @property
     def ready(self) -> bool:
@@ -252,25 +241,22 @@ class WebPushAdapter(Adapter[WebPushSettings]):
         url = httpx.URL(push.token)
         return await self._deliver(url, body, _headers(push))
 
-    async def _deliver(self, url: httpx.URL, body: bytes, headers: dict[str, str]) -> Outcome:
+    async def _deliver(self, url: httpx.URL, body: bytes, headers: list[bytes]) -> Outcome:
         origin = _origin(url)
+        target = _canonical(url)
         authorization, fresh = self._signer.authorization(origin)
         try:
-            status, response_headers, content = await self._post(url, body, headers, authorization)
-            if status == 403 and not fresh:
+            response = await self._post(target, body, headers, authorization)
+            if response.status == 403 and not fresh:
                 # The service refused a cached token (clock skew, key rotation on its side):
                 # sign a new one and try once more, as RFC 8292 services expect.
                 self._signer.forget(origin)
                 authorization, _ = self._signer.authorization(origin)
-                status, response_headers, content = await self._post(
-                    url, body, headers, authorization
-                )
-        except httpx.TimeoutException:
-            return Outcome.unavailable("Timeout")
-        except httpx.RequestError as exc:
-            # The exception text may hold the URL: only its type is kept.
-            return Outcome.unavailable(type(exc).__name__)
-        outcome = _classify(status, response_headers, content)
+                response = await self._post(target, body, headers, authorization)
+        except TransportError as exc:  # its reason is one word, never the URL
+            return Outcome.unavailable(exc.reason)
+        status = response.status
+        outcome = _classify(response)
         if status in (401, 403):
             self._signer.forget(origin)
             log.warning(
@@ -280,56 +266,59 @@ class WebPushAdapter(Adapter[WebPushSettings]):
         return outcome
 
     async def _post(
-        self, url: httpx.URL, body: bytes, headers: dict[str, str], authorization: str
-    ) -> tuple[int, httpx.Headers, bytes]:
-        request = self._client.build_request(
-            "POST", url, content=body, headers={**headers, "Authorization": authorization}
+        self, url: str, body: bytes, headers: list[bytes], authorization: str
+    ) -> Response:
+        return await self._transport.request(
+            url, [*headers, b"Authorization: " + authorization.encode("ascii")], body
         )
-        response = await self._client.send(request, stream=True, follow_redirects=False)
-        try:
-            content = b""
-            async for chunk in response.aiter_raw():  # raw: never inflate what a service sends
-                content += chunk
-                if len(content) >= _MAX_RESPONSE_BYTES:
-                    break
-        finally:
-            await response.aclose()
-        return response.status_code, response.headers, content[:_MAX_RESPONSE_BYTES]
 
     async def aclose(self) -> None:
-        """Close the HTTP client if the adapter made it; idempotent."""
+        """Close the transport if the adapter made it; idempotent."""
         if self._closed:
             return
         self._closed = True
-        if self._owns_client:
-            await self._client.aclose()
+        if self._owns_transport:
+            await self._transport.aclose()
 
 
-def _headers(push: Push) -> dict[str, str]:
-    headers = {
+def transport_settings(settings: WebPushSettings) -> TransportSettings:
+    """How this app reaches push services: bodies never kept past the short reason they carry."""
+    return TransportSettings(
+        ca_pem=settings.ca_pem,
+        proxy=settings.proxy,
+        connect_timeout_seconds=5.0,
+        timeout_seconds=10.0,
+        max_response_bytes=_MAX_RESPONSE_BYTES,
+    )
+
+
+def _headers(push: Push) -> list[bytes]:
+    headers = [
         # Always sent: RFC 8030 services answer 400 without it; 0 means "now or never".
-        "TTL": str(max(0, push.ttl_seconds)),
-        "Urgency": "high" if push.high_priority else "normal",
-        "Content-Encoding": "aes128gcm",
-        "Content-Type": "application/octet-stream",
-    }
+        b"TTL: %d" % max(0, push.ttl_seconds),
+        b"Urgency: high" if push.high_priority else b"Urgency: normal",
+        b"Content-Encoding: aes128gcm",
+        b"Content-Type: application/octet-stream",
+        b"Accept:",
+    ]
     if push.collapse_key:
-        headers["Topic"] = push.collapse_key
+        headers.append(b"Topic: " + push.collapse_key.encode("ascii"))
     return headers
 
 
-def _classify(status: int, headers: httpx.Headers, content: bytes) -> Outcome:
+def _classify(response: Response) -> Outcome:
+    status = response.status
     if 200 <= status < 300:
-        return Outcome.delivered(headers.get("location", ""))
-    reason = _reason(status, content)
+        return Outcome.delivered(response.header("location") or "")
+    reason = _reason(status, response.body)
     if status in (404, 410):
         return Outcome(Verdict.TOKEN_INVALID, reason)
     if status == 429:
         # Not retried inside the relay: resending at once only deepens the rate limit.
-        retry_after = _retry_after(headers.get("retry-after"))
+        retry_after = _retry_after(response.header("retry-after"))
         return Outcome(Verdict.RATE_LIMITED, reason, retry_after_seconds=retry_after)
     if status >= 500:
-        return Outcome.unavailable(reason, retry_after=_retry_after(headers.get("retry-after")))
+        return Outcome.unavailable(reason, retry_after=_retry_after(response.header("retry-after")))
     if 300 <= status < 400:
         return Outcome(Verdict.REJECTED, "Redirect")  # never followed: see check_endpoint
     return Outcome(Verdict.REJECTED, reason)
@@ -337,11 +326,7 @@ def _classify(status: int, headers: httpx.Headers, content: bytes) -> Outcome:
 
 def _reason(status: int, content: bytes) -> str:
     """The service's reason word (Apple: ``{"reason": "BadJwtToken"}``), else the status name."""
-    try:
-        document: Any = json.loads(content)
-    except ValueError:
-        document = None
-    word = document.get("reason") if isinstance(document, dict) else None
+    word = json_object(content).get("reason")
     if isinstance(word, str) and _REASON.fullmatch(word):
         return word
     return _STATUS_REASONS.get(status, f"HTTP{status}")

@@ -1,16 +1,24 @@
 #!/bin/sh
 # Installs the system tools the test suite runs, when they are missing: promtool (Debian package
 # `prometheus`, for tests/test_promtool.py) and strace. Called by `make test`, so a fresh
-# machine (and CI's clean clone) needs nothing but the README's commands.
+# machine (and CI's clean clone) needs nothing but the README's commands. `make bench` calls it
+# with its own list, `CHECK:PACKAGE` pairs (CHECK a command on PATH or an absolute file path):
+#   sh scripts/install-test-tools.sh nginx:nginx-light /usr/lib/nginx/modules/ngx_http_echo_module.so:libnginx-mod-http-echo
 #
 # Quick and idempotent: tools already on PATH are left alone. Installs only as root with
 # apt-get; otherwise it says what is missing and leaves the tests that need it to skip (or
 # fail, under CI=true). Never fails the build itself: the tests say precisely what is wrong.
 set -u
 
+[ $# -gt 0 ] || set -- promtool:prometheus strace:strace
 missing=""
-command -v promtool >/dev/null 2>&1 || missing="$missing prometheus"
-command -v strace >/dev/null 2>&1 || missing="$missing strace"
+for pair in "$@"; do
+    check=${pair%%:*}
+    case "$check" in
+        /*) [ -e "$check" ] ;;
+        *) command -v "$check" >/dev/null 2>&1 ;;
+    esac || missing="$missing ${pair#*:}"
+done
 [ -z "$missing" ] && exit 0
 
 say() { echo "install-test-tools: $*" >&2; }

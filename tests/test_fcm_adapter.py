@@ -13,6 +13,7 @@ import httpx
 import jwt
 import pytest
 
+from adapters._transport import Transport, TransportSettings
 from adapters.base import Outcome, Push, Verdict, encode_json
 from adapters.fcm import FcmAdapter, FcmSettings
 from relay.config import AppConfig, PrivacyPolicy
@@ -383,12 +384,14 @@ async def test_failed_early_refresh_keeps_the_valid_token(
 
 async def test_dropped_connection_is_retryable(adapter: FcmAdapter, fcm: FakeFCM) -> None:
     await adapter.send(push())
-    fcm.drop_next()
+    # libcurl sends a request once more, on a new connection, when a reused connection dies
+    # before any answer; the second drop is the one the adapter sees.
+    fcm.drop_next(2)
 
     dropped = await adapter.send(push())
     again = await adapter.send(push())
 
-    assert dropped == Outcome.unavailable("ConnectionError")
+    assert dropped == Outcome.unavailable("ConnectionLost")
     assert again.verdict is Verdict.DELIVERED
 
 
@@ -399,10 +402,11 @@ async def test_cancelled_send_leaves_the_connection_usable(
 
     with pytest.raises(TimeoutError):
         await asyncio.wait_for(adapter.send(push("stuck")), 0.2)
+    opened = fcm.connections_opened  # the token exchange's (httpx) and the pushes' (libcurl)
     outcome = await adapter.send(push("fine"))
 
     assert outcome.verdict is Verdict.DELIVERED
-    assert fcm.connections_opened == 1
+    assert fcm.connections_opened == opened == 2
 
 
 async def test_closed_adapter_refuses_sends(adapter: FcmAdapter) -> None:
@@ -413,14 +417,17 @@ async def test_closed_adapter_refuses_sends(adapter: FcmAdapter) -> None:
     assert await adapter.send(push()) == Outcome.unavailable("AdapterClosed", retryable=False)
 
 
-async def test_injected_client_is_left_open(fcm: FakeFCM, base_account: ServiceAccount) -> None:
+async def test_injected_clients_are_left_open(fcm: FakeFCM, base_account: ServiceAccount) -> None:
     account = fcm.service_account(base_account)
     settings = FcmSettings("chat-android", account.info, fcm.url)
+    transport = Transport(TransportSettings(ca_pem=fcm.ca_pem))
     async with httpx.AsyncClient(http2=True, verify=fcm.pki.client_context()) as client:
-        adapter = await FcmAdapter.create(settings, client=client)
+        adapter = await FcmAdapter.create(settings, transport=transport, client=client)
         assert (await adapter.send(push())).verdict is Verdict.DELIVERED
         await adapter.aclose()
         assert not client.is_closed
+        assert not transport.closed
+    await transport.aclose()
 
 
 @pytest.mark.parametrize(

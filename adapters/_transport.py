@@ -1,0 +1,448 @@
+"""The one HTTP/2 transport every adapter sends through: libcurl's multi interface on asyncio.
+
+Why libcurl (pycurl): measured against a C sink (``bench/RESULTS.md``,
+``shared/reference/http2-clients.md``), a push through libcurl + nghttp2 costs ~45 µs of CPU,
+against ~300 µs through aioapns (pure-Python h2) and ~1,250 µs through httpx. Its C core also
+does, once and for every provider, what the adapters used to do by hand: HPACK, flow control
+(received DATA is always acknowledged, so error floods never stall a connection), honouring the
+server's ``SETTINGS_MAX_CONCURRENT_STREAMS``, reconnecting after GOAWAY, resets and lost
+connections, queueing transfers in arrival order when every connection is full, HTTP CONNECT
+proxies and client certificates.
+
+This module only drives it from the asyncio loop (``socket_action``: libcurl says which sockets
+to watch and when to wake it; the loop calls it back) and turns a finished transfer into a
+:class:`Response` or a :class:`TransportError`. It knows nothing of any provider, and it never
+logs: URLs, headers and bodies carry tokens and content.
+
+Lifecycle: build it inside the running loop, ``await transport.request(...)`` concurrently, then
+``await transport.aclose()``. Cancelling a request removes its transfer at once: libcurl resets
+the stream (RST_STREAM) and its slot is free for the next one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import ssl
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from urllib.parse import urlsplit
+
+import certifi
+import pycurl
+
+__all__ = ["Response", "Transport", "TransportError", "TransportSettings", "check_settings"]
+
+# Connections stay open while idle (Apple asks providers to keep them for hours); TCP keepalive
+# finds a peer that vanished without closing. libcurl's own default closes them after 118 s.
+_MAX_IDLE_SECONDS = 24 * 3600
+_CONNECT_ERRORS = frozenset(
+    {
+        pycurl.E_COULDNT_RESOLVE_PROXY,
+        pycurl.E_COULDNT_RESOLVE_HOST,
+        pycurl.E_COULDNT_CONNECT,
+        pycurl.E_SSL_CONNECT_ERROR,
+        pycurl.E_PEER_FAILED_VERIFICATION,
+        pycurl.E_SSL_CERTPROBLEM,
+        pycurl.E_SSL_CACERT_BADFILE,
+        getattr(pycurl, "E_PROXY", 97),
+    }
+)
+_TRUNCATED = frozenset({pycurl.E_FILESIZE_EXCEEDED, pycurl.E_WRITE_ERROR})
+
+
+class TransportError(Exception):
+    """No answer: ``reason`` is one word (``Timeout``, ``ConnectFailed``, ``ConnectionLost``,
+    ``Closed``) and ``code`` libcurl's error number; neither holds a URL or any content."""
+
+    def __init__(self, reason: str, code: int = 0) -> None:
+        super().__init__(f"{reason} (curl {code})" if code else reason)
+        self.reason = reason
+        self.code = code
+
+
+@dataclass(frozen=True, slots=True)
+class TransportSettings:
+    """How one app reaches its provider.
+
+    Attributes:
+        ca_pem: extra trust anchors (PEM), trusted beside the system's.
+        cert_file: a PEM file with a client certificate and its key (APNs certificate auth).
+        proxy: ``http://[user:pass@]host:port`` of an HTTP CONNECT proxy; "" for none (proxy
+            variables in the environment are never used).
+        max_connections: connections per host; transfers beyond them queue, oldest first.
+        max_streams: streams per connection we open at most (the server's own limit, from its
+            SETTINGS, lowers it).
+        connect_timeout_seconds: TCP + proxy + TLS handshake.
+        timeout_seconds: a whole request, a backstop (callers cancel at their own deadline).
+        keepalive_seconds: idle time before TCP keepalive probes start.
+        max_response_bytes: response bodies are cut here (provider error bodies are tiny).
+    """
+
+    ca_pem: bytes = b""
+    cert_file: str = ""
+    proxy: str = ""
+    max_connections: int = 10
+    max_streams: int = 1000
+    connect_timeout_seconds: float = 10.0
+    timeout_seconds: float = 30.0
+    keepalive_seconds: int = 60
+    max_response_bytes: int = 16 * 1024
+
+
+class Response:
+    """A provider's answer: status, header lines as received, and the (capped) body."""
+
+    __slots__ = ("_body", "_lines", "connection", "generation", "status")
+
+    def __init__(
+        self, status: int, lines: list[bytes], body: list[bytes], connection: int, generation: int
+    ) -> None:
+        self.status = status
+        self._lines = lines
+        self._body = body
+        self.connection = connection  # our side's port: which connection carried it
+        self.generation = generation  # which set of connections (see Transport.retire)
+
+    @property
+    def body(self) -> bytes:
+        return b"".join(self._body)
+
+    def header(self, name: str) -> str | None:
+        """The last value of header ``name`` (lower case) in the final response, or None."""
+        prefix = name.encode("ascii") + b":"
+        for line in reversed(self._lines):
+            if line.startswith(b"HTTP/"):  # the final response's status line; a proxy's is older
+                return None
+            if line[: len(prefix)].lower() == prefix:
+                return line[len(prefix) :].strip().decode("latin-1")
+        return None
+
+
+class _Transfer:
+    """One easy handle, reused request after request, and what its current caller waits on."""
+
+    __slots__ = ("body", "curl", "future", "lines")
+
+    def __init__(self, curl: pycurl.Curl) -> None:
+        self.curl = curl
+        self.future: asyncio.Future[Response] | None = None
+        self.lines: list[bytes] = []
+        self.body: list[bytes] = []
+        self.reset()
+
+    def begin(self) -> asyncio.Future[Response]:
+        self.future = asyncio.get_running_loop().create_future()
+        return self.future
+
+    def succeed(self, response: Response) -> None:
+        if self.future is not None and not self.future.done():
+            self.future.set_result(response)
+
+    def fail(self, error: TransportError) -> None:
+        if self.future is not None and not self.future.done():
+            self.future.set_exception(error)
+
+    def reset(self) -> None:
+        # Fresh lists per request: a Response keeps the ones it was built from.
+        self.future = None
+        self.lines, self.body = [], []
+        self.curl.setopt(pycurl.HEADERFUNCTION, self.lines.append)
+        self.curl.setopt(pycurl.WRITEFUNCTION, self.body.append)
+
+
+class _Engine:
+    """One libcurl multi handle (its connections) driven from the loop.
+
+    A transport replaces its engine when told a provider retired its connections; the old one
+    finishes what it carries and then closes, so no new request ever rides a retired connection.
+    """
+
+    def __init__(
+        self,
+        settings: TransportSettings,
+        generation: int,
+        release: Callable[[_Transfer], None],
+    ) -> None:
+        self.generation = generation
+        self._release = release
+        self.loop = asyncio.get_running_loop()
+        self.multi = pycurl.CurlMulti()
+        self.multi.setopt(pycurl.M_SOCKETFUNCTION, self._on_socket)
+        self.multi.setopt(pycurl.M_TIMERFUNCTION, self._on_timer)
+        self.multi.setopt(pycurl.M_PIPELINING, pycurl.PIPE_MULTIPLEX)
+        self.multi.setopt(pycurl.M_MAX_HOST_CONNECTIONS, settings.max_connections)
+        self.multi.setopt(pycurl.M_MAX_CONCURRENT_STREAMS, settings.max_streams)
+        self.active: dict[pycurl.Curl, _Transfer] = {}
+        self.retired = False
+        self.closed = False
+        self._watched: dict[int, int] = {}  # fd -> the pycurl.POLL_* it is watched for
+        self._timer: asyncio.TimerHandle | None = None
+        self._kicked = False
+
+    def start(self, transfer: _Transfer) -> None:
+        self.active[transfer.curl] = transfer
+        self.multi.add_handle(transfer.curl)
+        self._kick()
+
+    def stop(self, transfer: _Transfer) -> bool:
+        """Take a transfer out of libcurl (a stream in flight is reset); False if not here."""
+        if self.active.pop(transfer.curl, None) is None:
+            return False
+        self.multi.remove_handle(transfer.curl)
+        if self.retired and not self.active:
+            self.close()
+        return True
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        for transfer in list(self.active.values()):
+            transfer.fail(TransportError("Closed"))
+            self.active.pop(transfer.curl)
+            self.multi.remove_handle(transfer.curl)
+            self._release(transfer)
+        if self._timer is not None:
+            self._timer.cancel()
+        for fd in list(self._watched):
+            self._unwatch(fd)
+        self.multi.close()
+
+    # -- libcurl's callbacks (they must not call back into libcurl) -----------------------------
+
+    def _on_socket(self, what: int, fd: int, _multi: object, _data: object) -> None:
+        if what == pycurl.POLL_REMOVE:
+            self._unwatch(fd)
+            return
+        if self._watched.get(fd) == what:
+            return
+        self._unwatch(fd)
+        if what in (pycurl.POLL_IN, pycurl.POLL_INOUT):
+            self.loop.add_reader(fd, self._act, fd, pycurl.CSELECT_IN)
+        if what in (pycurl.POLL_OUT, pycurl.POLL_INOUT):
+            self.loop.add_writer(fd, self._act, fd, pycurl.CSELECT_OUT)
+        self._watched[fd] = what
+
+    def _on_timer(self, timeout_ms: int) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if timeout_ms == 0:
+            self._kick()
+        elif timeout_ms > 0:
+            self._timer = self.loop.call_later(timeout_ms / 1000, self._on_timeout)
+
+    # -- driving libcurl from the loop ---------------------------------------------------------
+
+    def _kick(self) -> None:
+        if not self._kicked:
+            self._kicked = True
+            self.loop.call_soon(self._on_timeout)
+
+    def _on_timeout(self) -> None:
+        self._kicked = False
+        self._act(pycurl.SOCKET_TIMEOUT, 0)
+
+    def _act(self, fd: int, events: int) -> None:
+        if self.closed:
+            return
+        self.multi.socket_action(fd, events)
+        while True:
+            queued, done, failed = self.multi.info_read()
+            for curl in done:
+                self._settle(curl, 0)
+            for curl, code, _message in failed:  # the message may name the host: dropped
+                self._settle(curl, code)
+            if not queued:
+                return
+
+    def _settle(self, curl: pycurl.Curl, code: int) -> None:
+        transfer = self.active.get(curl)
+        if transfer is None:
+            return
+        status = curl.getinfo(pycurl.RESPONSE_CODE) if code in _TRUNCATED or not code else 0
+        if status:
+            port = curl.getinfo(pycurl.LOCAL_PORT)
+            transfer.succeed(Response(status, transfer.lines, transfer.body, port, self.generation))
+        else:
+            transfer.fail(_error(code))
+        self.stop(transfer)
+        self._release(transfer)
+
+    def _unwatch(self, fd: int) -> None:
+        what = self._watched.pop(fd, 0)
+        if what in (pycurl.POLL_IN, pycurl.POLL_INOUT):
+            self.loop.remove_reader(fd)
+        if what in (pycurl.POLL_OUT, pycurl.POLL_INOUT):
+            self.loop.remove_writer(fd)
+
+
+class Transport:
+    """HTTP/2 over TLS to one app's provider(s), shared by every request of that app.
+
+    Raises:
+        ValueError: unusable settings (the message names the field, never a value).
+    """
+
+    def __init__(self, settings: TransportSettings) -> None:
+        check_settings(settings)
+        self._settings = settings
+        self._engine = _Engine(settings, 1, self._release)
+        self._draining: set[_Engine] = set()
+        self._free: list[_Transfer] = []
+        self._closed = False
+        self._trust = _trust_anchors(settings.ca_pem) if settings.ca_pem else b""
+        self._verify_paths = ssl.get_default_verify_paths()
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    @property
+    def in_flight(self) -> int:
+        return len(self._engine.active) + sum(len(e.active) for e in self._draining)
+
+    @property
+    def generation(self) -> int:
+        """Bumped by :meth:`retire`: requests from here on ride new connections."""
+        return self._engine.generation
+
+    async def request(
+        self, url: str, headers: Sequence[bytes], body: bytes, *, fresh_connection: bool = False
+    ) -> Response:
+        """POST ``body`` to ``url`` (https) with ``headers`` (``b"name: value"`` lines).
+
+        Args:
+            fresh_connection: open a new connection for this request instead of reusing one.
+
+        Raises:
+            TransportError: no answer (the reason says why); never holds the URL.
+        """
+        if self._closed:
+            raise TransportError("Closed")
+        transfer = self._free.pop() if self._free else _Transfer(self._new_curl())
+        curl = transfer.curl
+        curl.setopt(pycurl.URL, url)
+        curl.setopt(pycurl.HTTPHEADER, headers)
+        curl.setopt(pycurl.POSTFIELDS, body)
+        curl.setopt(pycurl.FRESH_CONNECT, 1 if fresh_connection else 0)
+        future = transfer.begin()
+        engine = self._engine
+        engine.start(transfer)
+        try:
+            return await future
+        finally:
+            # Still ours and still running (cancelled): reset the stream, free its slot.
+            if transfer.future is future and engine.stop(transfer):
+                self._release(transfer)
+
+    def retire(self, response: Response) -> None:
+        """The provider said the connections behind ``response`` are done (GOAWAY-like
+        answers): new requests open new connections; those in flight finish where they are."""
+        engine = self._engine
+        if self._closed or response.generation != engine.generation:
+            return
+        engine.retired = True
+        self._engine = _Engine(self._settings, engine.generation + 1, self._release)
+        if engine.active:
+            self._draining.add(engine)
+        else:
+            engine.close()
+        self._draining = {e for e in self._draining if not e.closed}
+
+    async def aclose(self) -> None:
+        """Fail what is in flight and close every connection; idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        for engine in (self._engine, *self._draining):
+            engine.close()
+        self._draining.clear()
+        for transfer in self._free:
+            transfer.curl.close()
+        self._free.clear()
+
+    def _release(self, transfer: _Transfer) -> None:
+        """Keep a finished transfer's handle for the next request."""
+        if self._closed:
+            transfer.curl.close()
+        else:
+            transfer.reset()
+            self._free.append(transfer)
+
+    def _new_curl(self) -> pycurl.Curl:
+        s = self._settings
+        curl = pycurl.Curl()
+        curl.setopt(pycurl.NOSIGNAL, 1)
+        curl.setopt(pycurl.HTTP_VERSION, pycurl.CURL_HTTP_VERSION_2TLS)
+        curl.setopt(pycurl.PIPEWAIT, 1)  # wait for a connection that multiplexes over a new one
+        curl.setopt(pycurl.PROTOCOLS, pycurl.PROTO_HTTPS)
+        curl.setopt(pycurl.FOLLOWLOCATION, 0)  # never: Web Push (SSRF), and no provider needs it
+        curl.setopt(pycurl.USERAGENT, "push-relay")
+        curl.setopt(pycurl.CONNECTTIMEOUT_MS, int(s.connect_timeout_seconds * 1000))
+        curl.setopt(pycurl.TIMEOUT_MS, int(s.timeout_seconds * 1000))
+        curl.setopt(pycurl.MAXAGE_CONN, _MAX_IDLE_SECONDS)
+        curl.setopt(pycurl.TCP_KEEPALIVE, 1)
+        curl.setopt(pycurl.TCP_KEEPIDLE, s.keepalive_seconds)
+        curl.setopt(pycurl.TCP_KEEPINTVL, max(1, s.keepalive_seconds // 4))
+        curl.setopt(pycurl.MAXFILESIZE, s.max_response_bytes)
+        curl.setopt(pycurl.PROXY, s.proxy)  # "" also stops libcurl reading *_proxy variables
+        if s.proxy:
+            curl.setopt(pycurl.HTTPPROXYTUNNEL, 1)
+        if self._trust:
+            curl.setopt(pycurl.CAINFO_BLOB, self._trust)
+        else:
+            if self._verify_paths.cafile:
+                curl.setopt(pycurl.CAINFO, self._verify_paths.cafile)
+            if self._verify_paths.capath:
+                curl.setopt(pycurl.CAPATH, self._verify_paths.capath)
+        if s.cert_file:
+            curl.setopt(pycurl.SSLCERT, s.cert_file)
+            curl.setopt(pycurl.SSLCERTTYPE, "PEM")
+        return curl
+
+
+def check_settings(settings: TransportSettings) -> None:
+    """Refuse settings libcurl would only trip over at the first request.
+
+    Raises:
+        ValueError: naming the field (``proxy``, ``ca_pem``, ``cert_file``), never its value.
+    """
+    if settings.proxy:
+        parts = urlsplit(settings.proxy)
+        if parts.scheme != "http" or not parts.hostname or parts.path not in ("", "/"):
+            raise ValueError("proxy: expected http://host:port")
+    context = ssl.create_default_context()
+    if settings.ca_pem:
+        try:
+            context.load_verify_locations(cadata=settings.ca_pem.decode("ascii"))
+        except (ssl.SSLError, UnicodeDecodeError, ValueError) as exc:
+            raise ValueError("ca_pem: not PEM certificates") from exc
+    if settings.cert_file:
+        try:
+            context.load_cert_chain(settings.cert_file)
+        except (OSError, ssl.SSLError) as exc:
+            raise ValueError("cert_file: cannot load a certificate and key from it") from exc
+
+
+def _trust_anchors(ca_pem: bytes) -> bytes:
+    """The system's trust anchors followed by the extra ones, as one PEM blob.
+
+    libcurl trusts only the blob once one is set (the CA file is then ignored), so the system's
+    bundle is read once, here, and the extra anchors appended to it.
+    """
+    paths = ssl.get_default_verify_paths()
+    for candidate in (paths.cafile, paths.openssl_cafile, certifi.where()):
+        if candidate and os.path.isfile(candidate):
+            with open(candidate, "rb") as bundle:
+                return bundle.read().rstrip(b"\n") + b"\n" + ca_pem
+    return ca_pem
+
+
+def _error(code: int) -> TransportError:
+    if code == pycurl.E_OPERATION_TIMEDOUT:
+        return TransportError("Timeout", code)
+    if code in _CONNECT_ERRORS:
+        return TransportError("ConnectFailed", code)
+    return TransportError("ConnectionLost", code)
