@@ -49,6 +49,8 @@ _CONNECT_ERRORS = frozenset(
     }
 )
 _TRUNCATED = frozenset({pycurl.E_FILESIZE_EXCEEDED, pycurl.E_WRITE_ERROR})
+_IN = frozenset({pycurl.POLL_IN, pycurl.POLL_INOUT})
+_OUT = frozenset({pycurl.POLL_OUT, pycurl.POLL_INOUT})
 
 
 class TransportError(Exception):
@@ -212,17 +214,26 @@ class _Engine:
     # -- libcurl's callbacks (they must not call back into libcurl) -----------------------------
 
     def _on_socket(self, what: int, fd: int, _multi: object, _data: object) -> None:
+        # Only what changed is (un)registered: libcurl flips between IN and INOUT around every
+        # write, and the reader can stay registered through it.
+        was = self._watched.get(fd, 0)
+        if what == was:
+            return
+        wants_in, wants_out = what in _IN, what in _OUT
+        if (was in _IN) != wants_in:
+            if wants_in:
+                self.loop.add_reader(fd, self._act, fd, pycurl.CSELECT_IN)
+            else:
+                self.loop.remove_reader(fd)
+        if (was in _OUT) != wants_out:
+            if wants_out:
+                self.loop.add_writer(fd, self._act, fd, pycurl.CSELECT_OUT)
+            else:
+                self.loop.remove_writer(fd)
         if what == pycurl.POLL_REMOVE:
-            self._unwatch(fd)
-            return
-        if self._watched.get(fd) == what:
-            return
-        self._unwatch(fd)
-        if what in (pycurl.POLL_IN, pycurl.POLL_INOUT):
-            self.loop.add_reader(fd, self._act, fd, pycurl.CSELECT_IN)
-        if what in (pycurl.POLL_OUT, pycurl.POLL_INOUT):
-            self.loop.add_writer(fd, self._act, fd, pycurl.CSELECT_OUT)
-        self._watched[fd] = what
+            self._watched.pop(fd, None)
+        else:
+            self._watched[fd] = what
 
     def _on_timer(self, timeout_ms: int) -> None:
         if self._timer is not None:
@@ -272,9 +283,9 @@ class _Engine:
 
     def _unwatch(self, fd: int) -> None:
         what = self._watched.pop(fd, 0)
-        if what in (pycurl.POLL_IN, pycurl.POLL_INOUT):
+        if what in _IN:
             self.loop.remove_reader(fd)
-        if what in (pycurl.POLL_OUT, pycurl.POLL_INOUT):
+        if what in _OUT:
             self.loop.remove_writer(fd)
 
 

@@ -11,7 +11,7 @@ import asyncio
 import os
 import signal
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from pushrelay.v1 import relay_pb2 as pb
 from relay import __version__
@@ -96,7 +96,23 @@ def _require_config(args: argparse.Namespace) -> Config:
 def _serve(args: argparse.Namespace) -> int:
     config = _require_config(args)
     setup_logging(config.server.log_level)
-    return asyncio.run(_serve_until_signalled(config, args.config))
+    with asyncio.Runner(loop_factory=_loop_factory()) as runner:
+        return runner.run(_serve_until_signalled(config, args.config))
+
+
+def _loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
+    """uvloop unless ``PUSH_RELAY_EVENT_LOOP=asyncio``: it measured cheaper per push under
+    grpc.aio and the transport (bench/RESULTS.md); the variable is there to compare the two."""
+    choice = os.environ.get("PUSH_RELAY_EVENT_LOOP", "uvloop")
+    if choice not in ("uvloop", "asyncio"):
+        raise SystemExit(
+            f"push-relay: PUSH_RELAY_EVENT_LOOP must be uvloop or asyncio, not {choice!r}"
+        )
+    if choice == "asyncio":
+        return None
+    import uvloop
+
+    return uvloop.new_event_loop
 
 
 async def _serve_until_signalled(config: Config, path: str) -> int:

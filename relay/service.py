@@ -193,16 +193,24 @@ class RelayService(relay_pb2_grpc.PushRelayServicer):
     ) -> list[pb.DeviceResult]:
         requested = requested_privacy(request.notification)
         jobs = [_job(snap, device, message, requested) for device in request.devices]
+        if len(jobs) == 1:  # most requests: no task of its own, no wait set
+            outcomes = [await _settle_one(snap, jobs[0], deadline)]
+        else:
+            outcomes = await self._settle_many(snap, jobs, deadline)
+        results = []
+        for job, outcome in zip(jobs, outcomes, strict=True):
+            _count(snap, message, job, outcome)
+            results.append(_result(outcome, job.privacy))
+        return results
+
+    async def _settle_many(
+        self, snap: Snapshot, jobs: list[_Job], deadline: float
+    ) -> list[Outcome]:
         tasks = {i: self._start(snap, job, deadline) for i, job in enumerate(jobs) if job.push}
         if tasks:
             timeout = max(0.0, deadline - asyncio.get_running_loop().time())
             await asyncio.wait(tasks.values(), timeout=timeout)
-        results = []
-        for i, job in enumerate(jobs):
-            outcome = job.immediate or _finished(tasks[i])
-            _count(snap, message, job, outcome)
-            results.append(_result(outcome, job.privacy))
-        return results
+        return [job.immediate or _finished(tasks[i]) for i, job in enumerate(jobs)]
 
     def _start(self, snap: Snapshot, job: _Job, deadline: float) -> asyncio.Task[Outcome]:
         assert job.push is not None
@@ -212,6 +220,19 @@ class RelayService(relay_pb2_grpc.PushRelayServicer):
         self._stragglers.add(task)
         task.add_done_callback(self._stragglers.discard)
         return task
+
+
+async def _settle_one(snap: Snapshot, job: _Job, deadline: float) -> Outcome:
+    """One device's outcome, awaited in the request's own task, cut off at the deadline."""
+    if job.immediate is not None or job.push is None:
+        return job.immediate or RENDER_FAILED
+    try:
+        async with asyncio.timeout_at(deadline):
+            return await _tracked(snap.metrics, job.runtime.deliver(job.push, deadline))
+    except TimeoutError:
+        return DEADLINE_EXCEEDED
+    except Exception:  # as _finished: a bug costs this device, never the request
+        return Outcome.unavailable("InternalError")
 
 
 async def _tracked(metrics: Metrics, work: collections.abc.Awaitable[Outcome]) -> Outcome:
