@@ -3,6 +3,8 @@
 #   make test    the whole test suite (what CI runs); as root it first installs the system
 #                tools some tests run (promtool, strace) with apt-get, when missing
 #   make check   format, lint, types and tests
+#   make bench   the relay beside the bare provider libraries on one nginx sink (~2 minutes);
+#                as root it first installs nginx-light and its echo module with apt-get
 PYTHON ?= python3
 # The service writes no file, bytecode caches included: everything run from here runs so.
 export PYTHONDONTWRITEBYTECODE := 1
@@ -10,7 +12,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: demo test test-tools bytecode check lint types format proto
+.PHONY: demo test test-tools bench bytecode check lint types format proto
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -29,6 +31,11 @@ test: $(STAMP) test-tools bytecode
 # recompiled). The image does the same at build time.
 bytecode: $(STAMP)
 	@$(BIN)/python -m compileall -q relay adapters proto/pushrelay
+
+bench: $(STAMP) bytecode
+	@sh scripts/install-test-tools.sh nginx:nginx-light \
+		/usr/lib/nginx/modules/ngx_http_echo_module.so:libnginx-mod-http-echo
+	$(BIN)/python bench/bench_push.py
 
 # System tools some tests run (promtool, strace): installed when missing, as root with apt-get.
 test-tools:

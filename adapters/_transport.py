@@ -49,6 +49,7 @@ _CONNECT_ERRORS = frozenset(
     }
 )
 _TRUNCATED = frozenset({pycurl.E_FILESIZE_EXCEEDED, pycurl.E_WRITE_ERROR})
+_MAX_IDLE_HANDLES = 128  # easy handles kept for reuse; more are closed when they finish
 _IN = frozenset({pycurl.POLL_IN, pycurl.POLL_INOUT})
 _OUT = frozenset({pycurl.POLL_OUT, pycurl.POLL_INOUT})
 
@@ -375,8 +376,10 @@ class Transport:
         self._free.clear()
 
     def _release(self, transfer: _Transfer) -> None:
-        """Keep a finished transfer's handle for the next request."""
-        if self._closed:
+        """Keep a finished transfer's handle for the next request, up to a bound: a handle holds
+        its own copy of the trust anchors (~220 KiB with the system's bundle in a blob), so a
+        burst must not leave hundreds of them behind."""
+        if self._closed or len(self._free) >= _MAX_IDLE_HANDLES:
             transfer.curl.close()
         else:
             transfer.reset()
