@@ -1,5 +1,8 @@
 """``python -m relay``: the push-relay command, with the process made unable to write first.
 
+First of all, :func:`keep_memory_in` stops memory leaving the process: no core dump, and no
+ptrace or ``/proc/<pid>/mem`` reads by other processes of the same user.
+
 The service writes no file (DESIGN §1), yet some libraries write one whenever the environment
 asks, whatever the program wants: ``ssl.create_default_context`` (every adapter's TLS) appends
 the TLS session secrets to ``$SSLKEYLOGFILE``, and prometheus_client keeps every metric in mmap
@@ -26,8 +29,32 @@ from collections.abc import Sequence
 WRITING_ENVIRONMENT = ("SSLKEYLOGFILE", "PROMETHEUS_MULTIPROC_DIR", "prometheus_multiproc_dir")
 
 
+PR_SET_DUMPABLE = 4  # <linux/prctl.h>
+
+
+def keep_memory_in() -> None:
+    """No core dump, and no other process of this user reading our memory.
+
+    A crash would otherwise let the kernel write the previews, names and keys in memory to a
+    core file, and any process of the same user could read them through ptrace or
+    ``/proc/<pid>/mem``. The core-file limit goes to zero and the process marks itself
+    non-dumpable (which also makes its ``/proc`` files root's, so ptrace and ``mem`` refuse
+    other processes of the user). Linux only; elsewhere only the limit is set.
+    """
+    import resource
+
+    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.prctl(PR_SET_DUMPABLE, 0, 0, 0, 0) != 0:
+            raise OSError(ctypes.get_errno(), "prctl(PR_SET_DUMPABLE, 0) failed")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``push-relay`` / ``python -m relay``: harden, then run the CLI."""
+    keep_memory_in()
     dropped = [name for name in WRITING_ENVIRONMENT if os.environ.pop(name, None) is not None]
     # Imported only now: prometheus_client picks its storage when it is first imported.
     from relay.cli import main as cli_main

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import shutil
 import signal
+import subprocess
 import sys
 from pathlib import Path
 
@@ -31,9 +34,9 @@ class Serve:
         self.port = 0
 
     @classmethod
-    async def start(cls, config: Path) -> Serve:
+    async def start(cls, config: Path, module: str = "relay.cli") -> Serve:
         proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "relay.cli", "serve", "--config", str(config),
+            sys.executable, "-m", module, "serve", "--config", str(config),
             stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, env=ENV,
         )  # fmt: skip
         serve = cls(proc)
@@ -190,3 +193,49 @@ async def test_grouping_keys_hold_across_a_reload_without_a_configured_key(
         await client.send(request(apns_token()), timeout=10)
     before, after = (push.payload["aps"]["thread-id"] for push in fake_apns.received)
     assert before == after
+
+
+# -- no memory leaves the process ------------------------------------------------------------------
+
+
+# Run without privileges: starts a command, waits for its first output line, then reports
+# whether /proc/<child>/mem opens (as the child's parent, so Yama's ptrace_scope=1 allows it when
+# the child is dumpable) and the child's core-file limit.
+_PROBE = """
+import json, subprocess, sys
+child = subprocess.Popen(sys.argv[1:], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+child.stdout.readline()
+try:
+    open(f"/proc/{child.pid}/mem", "rb").close()
+    readable = True
+except OSError:
+    readable = False
+with open(f"/proc/{child.pid}/limits") as limits:
+    core = [l.split()[4:6] for l in limits if l.startswith("Max core file size")][0]
+child.kill()
+print(json.dumps({"readable": readable, "core": core}))
+"""
+
+
+def _probe(command: list[str]) -> dict[str, object]:
+    """Start ``command`` from an unprivileged process; as root, one with every capability
+    dropped, so only the child's dumpable flag decides, as between two ordinary processes."""
+    probe = [sys.executable, "-c", _PROBE, *command]
+    if os.geteuid() == 0:
+        probe = ["setpriv", "--inh-caps=-all", "--bounding-set=-all", *probe]
+    done = subprocess.run(probe, capture_output=True, check=True, env=ENV, timeout=60)
+    result: dict[str, object] = json.loads(done.stdout)
+    return result
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="prctl and /proc are Linux's")
+def test_relay_process_cannot_be_dumped_or_read(tmp_path, fake_apns, apns_key):
+    if os.geteuid() == 0 and shutil.which("setpriv") is None:
+        pytest.skip("setpriv (util-linux) is needed to read as an unprivileged process")
+    config = write_config(tmp_path, fake_apns, apns_key)
+    relay = _probe([sys.executable, "-m", "relay", "serve", "--config", str(config)])
+    # The same probe opens an ordinary process's memory: the check is not vacuous.
+    control = _probe([sys.executable, "-c", "print('up', flush=True); input()"])
+
+    assert relay == {"readable": False, "core": ["0", "0"]}
+    assert control["readable"] is True and control["core"] != ["0", "0"]
