@@ -8,7 +8,7 @@ server owns its registry, so several servers in one process (tests, the demo) ne
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import grpc
@@ -82,6 +82,12 @@ class Metrics:
             ["platform"],
             registry=r,
         )
+        self.app_notifications = Counter(
+            "pushrelay_app_notifications",
+            "Pushes by configured app and outcome (the per-app view of notifications_total).",
+            ["app", "outcome"],
+            registry=r,
+        )
         self.inflight = Gauge(
             "pushrelay_inflight_notifications", "Pushes being delivered now.", registry=r
         )
@@ -94,8 +100,44 @@ class Metrics:
             ["app"],
             registry=r,
         )
+        self.inflight_requests = Gauge(
+            "pushrelay_inflight_requests",
+            "Requests (Send calls and SendStream requests) being served now.",
+            registry=r,
+        )
+        self.inflight_requests_limit = Gauge(
+            "pushrelay_inflight_requests_limit",
+            "limits.max_inflight_requests: the cap pushrelay_inflight_requests is held to.",
+            registry=r,
+        )
         ProcessCollector(registry=r)
+        self._push_children: dict[tuple[Kind, str, str, Verdict], tuple[Counter, Counter]] = {}
         self._precreate()
+
+    def count_push(self, kind: Kind, platform: str, app: str, verdict: Verdict) -> None:
+        """Count one push's outcome in both views; label children are looked up once each."""
+        key = (kind, platform, app, verdict)
+        children = self._push_children.get(key)
+        if children is None:
+            children = self._push_children[key] = (
+                self.notifications.labels(
+                    kind=kind_label(kind), platform=platform, outcome=verdict.name
+                ),
+                self.app_notifications.labels(app=app, outcome=verdict.name),
+            )
+        for child in children:
+            child.inc()
+
+    def precreate_apps(self, apps: Iterable[str]) -> None:
+        """Series for every configured app and outcome, so dashboards see zeros, not gaps."""
+        for app in apps:
+            for verdict in Verdict:
+                self.app_notifications.labels(app=app, outcome=verdict.name)
+
+    def track_inflight_requests(self, count: Callable[[], int], limit: Callable[[], int]) -> None:
+        """Read the in-flight count and its cap when scraped (the cap changes on reload)."""
+        self.inflight_requests.set_function(count)
+        self.inflight_requests_limit.set_function(limit)
 
     def track_credential_expiry(self, apps: Iterable[AppConfig]) -> None:
         """Export the notAfter of every APNs app using certificate auth; idempotent.

@@ -84,6 +84,7 @@ class RelayServer:
         self.config = config
         self.metrics = Metrics(app.platform for app in config.apps.values())
         self.metrics.track_credential_expiry(config.apps.values())
+        self.metrics.precreate_apps(config.apps)
         self.health = health.aio.HealthServicer()
         self.port = 0
         self.health_port = 0  # of the plaintext health listener, when configured
@@ -95,6 +96,7 @@ class RelayServer:
         self._process_secret = os.urandom(32)
         self._gate = InflightGate()
         self._snapshot: Snapshot | None = None
+        self.metrics.track_inflight_requests(lambda: self._gate.count, self._inflight_limit)
         self._server: grpc.aio.Server | None = None
         self._health_server: grpc.aio.Server | None = None
         self._retiring: set[asyncio.Task[None]] = set()
@@ -148,6 +150,10 @@ class RelayServer:
             },
         )
 
+    def _inflight_limit(self) -> int:
+        limits = self._snapshot.limits if self._snapshot is not None else self.config.limits
+        return limits.max_inflight_requests
+
     def _new_snapshot(self, config: Config, runtimes: Mapping[str, AppRuntime]) -> Snapshot:
         old = self._snapshot
         return Snapshot(
@@ -183,6 +189,7 @@ class RelayServer:
         _warn_without_hmac_key(config)
         runtimes = await start_apps(config, self.metrics)
         self.metrics.track_credential_expiry(config.apps.values())
+        self.metrics.precreate_apps(config.apps)
         old = self._snapshot
         self._snapshot = self._new_snapshot(config, runtimes)
         self.config = dataclasses.replace(config, server=self.config.server)

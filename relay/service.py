@@ -28,7 +28,7 @@ from relay.config import AppConfig, Limits
 from relay.dispatch import AppRuntime
 from relay.errors import Draining, RelayError, status_for
 from relay.limits import InflightGate, RateLimited, RateLimiter, check_size
-from relay.metrics import Metrics, kind_label
+from relay.metrics import Metrics
 from relay.model import Message, Privacy
 from relay.render import GroupingKeys, effective_privacy, render
 from relay.validate import device_keys, requested_privacy, validated
@@ -328,9 +328,7 @@ def _refused_all(request: pb.SendRequest, error: RelayError) -> list[pb.DeviceRe
 
 
 def _count(snap: Snapshot, message: Message, job: _Job, outcome: Outcome) -> None:
-    snap.metrics.notifications.labels(
-        kind=kind_label(message.kind), platform=job.runtime.platform, outcome=outcome.verdict.name
-    ).inc()
+    snap.metrics.count_push(message.kind, job.runtime.platform, job.runtime.app.id, outcome.verdict)
 
 
 def _log_request(

@@ -10,7 +10,27 @@
 # fail, under CI=true). Never fails the build itself: the tests say precisely what is wrong.
 set -u
 
-[ $# -gt 0 ] || set -- promtool:prometheus strace:strace
+say() { echo "install-test-tools: $*" >&2; }
+
+# buf (tests/test_api_lint.py) comes from the npm registry, into .tools/ of this checkout, for
+# any user: the npm package @bufbuild/buf carries the binary in a platform package.
+BUF_VERSION=1.75.0
+install_buf() {
+    [ -x .tools/node_modules/.bin/buf ] && return 0
+    command -v buf >/dev/null 2>&1 && return 0
+    if ! command -v npm >/dev/null 2>&1; then
+        say "npm missing: not installing buf; tests that need it skip (and fail when CI=true)"
+        return 0
+    fi
+    say "installing buf $BUF_VERSION (npm @bufbuild/buf) into .tools/"
+    npm install --prefix .tools --no-audit --no-fund --silent "@bufbuild/buf@$BUF_VERSION" \
+        >/dev/null 2>&1 || say "could not install buf"
+}
+
+if [ $# -eq 0 ]; then
+    install_buf
+    set -- promtool:prometheus strace:strace
+fi
 missing=""
 for pair in "$@"; do
     check=${pair%%:*}
@@ -20,8 +40,6 @@ for pair in "$@"; do
     esac || missing="$missing ${pair#*:}"
 done
 [ -z "$missing" ] && exit 0
-
-say() { echo "install-test-tools: $*" >&2; }
 
 if [ "$(id -u)" != 0 ] || ! command -v apt-get >/dev/null 2>&1; then
     say "missing Debian package(s)$missing; not root with apt-get, so not installing them:"
