@@ -27,6 +27,7 @@ from adapters.fcm import FcmSettings
 from adapters.webpush import WebPushSettings
 from relay import _schema as s
 from relay._schema import Field, Invalid, ListOf, OneOf, Section
+from relay.breaker import CircuitPolicy, RetryBudgetPolicy
 from relay.model import Privacy
 from relay.render import EXPOSURE
 
@@ -112,6 +113,8 @@ class AppConfig:
     privacy: PrivacyPolicy
     max_concurrency: int
     settings: ApnsSettings | FcmSettings | WebPushSettings = field(repr=False)
+    circuit: CircuitPolicy = field(default_factory=CircuitPolicy)
+    retry_budget: RetryBudgetPolicy = field(default_factory=RetryBudgetPolicy)
 
 
 @dataclass(frozen=True, slots=True)
@@ -322,13 +325,32 @@ def _app(
     """Builds an AppConfig; the rest of the keys (and those under ``nested``) are settings."""
 
     def build(values: dict[str, Any]) -> AppConfig:
-        app = {key: values.pop(key) for key in ("id", "platform", "privacy", "max_concurrency")}
+        app = {key: values.pop(key) for key in _RELAY_KEYS if key in values}
         values.update(values.pop(nested, {}))
         return AppConfig(**app, settings=settings_type(app_id=app["id"], **values))
 
     return build
 
 
+# An app's keys the relay reads itself; the rest are its adapter's settings.
+_RELAY_KEYS = ("id", "platform", "privacy", "max_concurrency", "circuit", "retry_budget")
+_CIRCUIT = Section(
+    {
+        "failure_rate": Field(s.number(1.0)),
+        "window_seconds": Field(s.number(3600)),
+        "min_requests": Field(s.integer(1, 1_000_000)),
+        "cooldown_seconds": Field(s.number(3600)),
+        "probes": Field(s.integer(1, 1000)),
+    },
+    build=lambda values: CircuitPolicy(**values),
+)
+_RETRY_BUDGET = Section(
+    {
+        "ratio": Field(s.number(10, zero_ok=True)),
+        "min_per_second": Field(s.number(10_000, zero_ok=True)),
+    },
+    build=lambda values: RetryBudgetPolicy(**values),
+)
 _PRIVACY = Section(
     {"default": Field(s.choice(_MODES)), "max": Field(s.choice(_MODES))}, build=_privacy
 )
@@ -337,6 +359,8 @@ _APP_COMMON = {
     "platform": Field(s.choice(("apns", "fcm", "webpush")), required=True),
     "privacy": Field(_PRIVACY, default=PrivacyPolicy()),
     "max_concurrency": Field(s.integer(1, 10_000), default=100),
+    "circuit": Field(_CIRCUIT, default=CircuitPolicy()),
+    "retry_budget": Field(_RETRY_BUDGET, default=RetryBudgetPolicy()),
     "ca_file": Field(s.file(s.certificates_pem), attr="ca_pem"),
     "proxy": Field(s.url("http")),
 }

@@ -1,19 +1,25 @@
-"""The one wrapper around every adapter: concurrency limit, retries, timing and counting.
+"""The one wrapper around every adapter: circuit, concurrency, retries, timing and counting.
 
 Adapters only speak their provider's protocol. Everything cross-cutting lives here, once, so
-that each app gets the same behaviour: at most ``max_concurrency`` pushes in flight per app (one
-provider's slowness never holds another app's pushes), retryable failures sent again with
-jittered backoff while the deadline allows, and every provider request timed.
+that each app gets the same behaviour: its circuit breaker answers at once, without a provider
+call, while its provider is failing (``relay/breaker.py``); at most ``max_concurrency`` pushes
+are in flight per app (one provider's slowness never holds another app's pushes); retryable
+failures are sent again with jittered backoff while the deadline and the app's retry budget
+allow; and every provider request is timed.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import random
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 
 from adapters.base import Adapter, Outcome, Push
+from relay.breaker import CircuitBreaker, Permit, RetryBudget, State, is_transient
 from relay.config import AppConfig
 from relay.logs import error_fields, fingerprint
 from relay.metrics import Metrics
@@ -24,49 +30,112 @@ MAX_ATTEMPTS = 3
 BACKOFF_BASE_SECONDS = 0.05
 
 
-class AppRuntime:
-    """A configured app with its live adapter."""
+@dataclass(frozen=True, slots=True)
+class Guards:
+    """An app's circuit breaker and retry budget. They outlive a reload that keeps the app's
+    policies (:class:`GuardRegistry`), so a reload never closes an open circuit."""
 
-    def __init__(self, app: AppConfig, adapter: Adapter[object], metrics: Metrics) -> None:
+    breaker: CircuitBreaker
+    budget: RetryBudget
+
+
+class GuardRegistry:
+    """The guards of every app, kept across reloads while an app's policies stay the same."""
+
+    def __init__(self, metrics: Metrics, clock: Callable[[], float] = time.monotonic) -> None:
+        self._metrics = metrics
+        self._clock = clock
+        self._guards: dict[str, Guards] = {}
+
+    def for_app(self, app: AppConfig) -> Guards:
+        guards = self._guards.get(app.id)
+        if (
+            guards is None
+            or guards.breaker.policy != app.circuit
+            or guards.budget.policy != app.retry_budget
+        ):
+            on_change = functools.partial(_circuit_changed, self._metrics, app.id)
+            breaker = CircuitBreaker(app.circuit, clock=self._clock, on_change=on_change)
+            guards = Guards(breaker, RetryBudget(app.retry_budget, clock=self._clock))
+            self._guards[app.id] = guards
+            self._metrics.circuit_state.labels(app=app.id).set(breaker.state)
+        return guards
+
+
+def _circuit_changed(metrics: Metrics, app: str, old: State, new: State) -> None:
+    metrics.circuit_state.labels(app=app).set(new)
+    metrics.circuit_transitions.labels(app=app, state=new.name.lower()).inc()
+    # Once per transition, never per push.
+    level = logging.WARNING if new is State.OPEN else logging.INFO
+    log.log(level, "circuit " + new.name.lower().replace("_", "-"), extra={"app": app})
+
+
+class AppRuntime:
+    """A configured app with its live adapter and its guards."""
+
+    def __init__(
+        self,
+        app: AppConfig,
+        adapter: Adapter[object],
+        metrics: Metrics,
+        guards: Guards | None = None,
+    ) -> None:
         self.app = app
         self.adapter = adapter
         self._metrics = metrics
         self._slots = asyncio.Semaphore(app.max_concurrency)
+        guards = guards or GuardRegistry(metrics).for_app(app)
+        self.breaker, self.budget = guards.breaker, guards.budget
 
     @property
     def platform(self) -> str:
         return self.app.platform
 
     async def deliver(self, push: Push, deadline: float) -> Outcome:
-        """Send ``push``, retrying retryable failures while ``deadline`` (loop time) allows.
+        """Send ``push``, retrying retryable failures while ``deadline`` (loop time) and the
+        retry budget allow; refused at once while the app's circuit is open.
 
         The caller bounds the whole call by the deadline and may cancel it at any await.
         """
         started = time.perf_counter()
+        permit = self.breaker.allow()  # before the slots: an open circuit answers at once
+        if permit is Permit.REFUSED:
+            outcome = self.breaker.refused()
+            self._log_push(push, outcome, 0, started)
+            return outcome
         async with self._slots:
-            outcome = await self._attempt(push)
+            outcome = await self._attempt(push, permit)
+            self.budget.earn()
             attempts = 1
             for attempt in range(1, MAX_ATTEMPTS):
                 pause = _backoff(attempt, outcome)
-                if not outcome.retryable or _left(deadline) <= pause:
+                if not outcome.retryable or _left(deadline) <= pause or not self.budget.spend():
                     break
                 await asyncio.sleep(pause)
+                permit = self.breaker.allow()
+                if permit is Permit.REFUSED:
+                    break  # the circuit opened meanwhile: the last answer stands
                 self._metrics.provider_retries.labels(platform=self.platform).inc()
-                outcome = await self._attempt(push)
+                outcome = await self._attempt(push, permit)
                 attempts += 1
         self._log_push(push, outcome, attempts, started)
         return outcome
 
-    async def _attempt(self, push: Push) -> Outcome:
+    async def _attempt(self, push: Push, permit: Permit) -> Outcome:
         started = time.perf_counter()
+        failed = True  # cancelled at the deadline: the provider did not answer in time
         try:
-            return await self.adapter.send(push)
+            outcome = await self.adapter.send(push)
+            failed = is_transient(outcome)
+            return outcome
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # an adapter bug must cost one device, not the request
+            failed = False  # not the provider's failure
             self._log_failure(push, exc)
             return Outcome.unavailable("InternalError", retryable=False)
         finally:
+            self.breaker.record(permit, failed)
             elapsed = time.perf_counter() - started
             self._metrics.provider_duration.labels(platform=self.platform).observe(elapsed)
 

@@ -82,6 +82,18 @@ class Metrics:
             ["platform"],
             registry=r,
         )
+        self.circuit_state = Gauge(
+            "pushrelay_circuit_state",
+            "An app's circuit breaker: 0 closed, 1 open, 2 half-open.",
+            ["app"],
+            registry=r,
+        )
+        self.circuit_transitions = Counter(
+            "pushrelay_circuit_transitions",
+            "Circuit breaker transitions, by app and the state entered.",
+            ["app", "state"],
+            registry=r,
+        )
         self.app_notifications = Counter(
             "pushrelay_app_notifications",
             "Pushes by configured app and outcome (the per-app view of notifications_total).",
@@ -133,6 +145,9 @@ class Metrics:
         for app in apps:
             for verdict in Verdict:
                 self.app_notifications.labels(app=app, outcome=verdict.name)
+            self.circuit_state.labels(app=app)
+            for state in ("open", "half_open", "closed"):
+                self.circuit_transitions.labels(app=app, state=state)
 
     def track_inflight_requests(self, count: Callable[[], int], limit: Callable[[], int]) -> None:
         """Read the in-flight count and its cap when scraped (the cap changes on reload)."""

@@ -28,7 +28,7 @@ from adapters import ADAPTERS
 from pushrelay.v1 import relay_pb2, relay_pb2_grpc
 from relay.auth import Authenticator
 from relay.config import Config, ConfigError
-from relay.dispatch import AppRuntime
+from relay.dispatch import AppRuntime, GuardRegistry
 from relay.http import OpsHttpServer
 from relay.interceptors import RelayInterceptor
 from relay.limits import Clock, InflightGate, RateLimiter
@@ -45,13 +45,16 @@ SERVICE_NAME = relay_pb2.DESCRIPTOR.services_by_name["PushRelay"].full_name
 MAX_MESSAGE_BYTES = 4 << 20
 
 
-async def start_apps(config: Config, metrics: Metrics) -> dict[str, AppRuntime]:
+async def start_apps(
+    config: Config, metrics: Metrics, guards: GuardRegistry | None = None
+) -> dict[str, AppRuntime]:
     """Build every app's adapter inside the running loop; on any failure close those built."""
+    guards = guards or GuardRegistry(metrics)
     runtimes: dict[str, AppRuntime] = {}
     try:
         for app in config.apps.values():
             adapter = await ADAPTERS[app.platform].create(app.settings)
-            runtimes[app.id] = AppRuntime(app, adapter, metrics)
+            runtimes[app.id] = AppRuntime(app, adapter, metrics, guards.for_app(app))
     except BaseException:
         await close_apps(runtimes)
         raise
@@ -77,7 +80,8 @@ def _warn_without_hmac_key(config: Config) -> None:
 class RelayServer:
     """One running relay: ``await start()``, then ``port``, then ``await stop()``.
 
-    ``clock`` drives the clients' rate limits (tests pass a fake one).
+    ``clock`` drives the clients' rate limits and the apps' circuit breakers (tests pass a fake
+    one).
     """
 
     def __init__(self, config: Config, *, clock: Clock = time.monotonic) -> None:
@@ -95,6 +99,7 @@ class RelayServer:
         # across reloads for the life of the process.
         self._process_secret = os.urandom(32)
         self._gate = InflightGate()
+        self._guards = GuardRegistry(self.metrics, clock)  # circuits survive reloads
         self._snapshot: Snapshot | None = None
         self.metrics.track_inflight_requests(lambda: self._gate.count, self._inflight_limit)
         self._server: grpc.aio.Server | None = None
@@ -121,7 +126,7 @@ class RelayServer:
         use_fingerprint_key(self.config.server.hmac_key)
         _warn_about_callers(self.config)
         _warn_without_hmac_key(self.config)
-        runtimes = await start_apps(self.config, self.metrics)
+        runtimes = await start_apps(self.config, self.metrics, self._guards)
         self._snapshot = self._new_snapshot(self.config, runtimes)
         server = grpc.aio.server(
             interceptors=[RelayInterceptor(self.current)], options=self._options()
@@ -187,7 +192,7 @@ class RelayServer:
         _warn_restart_needed(self.config, config)
         _warn_about_callers(config)
         _warn_without_hmac_key(config)
-        runtimes = await start_apps(config, self.metrics)
+        runtimes = await start_apps(config, self.metrics, self._guards)
         self.metrics.track_credential_expiry(config.apps.values())
         self.metrics.precreate_apps(config.apps)
         old = self._snapshot

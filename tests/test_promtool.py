@@ -21,6 +21,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from adapters.apns import ApnsSettings
 from adapters.base import Verdict
 from pushrelay.v1 import relay_pb2 as pb
+from relay.breaker import State
 from relay.client import RelayClient
 from relay.config import AppConfig, PrivacyPolicy
 from relay.metrics import LATENCY_BUCKETS, certificate_expiry
@@ -159,6 +160,7 @@ async def test_every_label_name_and_value_is_from_a_closed_set(two_app_relay, fa
         "app": APPS,
         "client": {client.name for client in two_app_relay.config.clients},
         "version": {"0.1.0"},
+        "state": {state.name.lower() for state in State},
         "le": {f"{bound:g}" for bound in LATENCY_BUCKETS} | {"+Inf"},
     }
     for name, labels in series(text):

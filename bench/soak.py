@@ -1,0 +1,237 @@
+"""A soak: a fixed-rate mixed load on the real relay, with provider errors, for a bounded time.
+
+    .venv/bin/python bench/soak.py [--seconds 60] [--rate 300] [--error-rate 0.05]
+
+``push-relay serve`` runs in its own process against the bundled fake APNs, FCM and Web Push
+(in this process, on loopback); this process sends one-device ``Send`` calls at a fixed rate,
+spread across the three platforms, while the fakes answer 5 % of requests with a 503 (the relay
+retries them within its budget). It prints the relay's RSS and open descriptors (from its own
+/metrics: the process is non-dumpable, so /proc/<pid> is not ours to read) idle, after a warm-up
+at the same load (the baseline) and at the end; then what was delivered, every outcome, p50/p99
+and the circuit transitions. Memory and descriptors must not grow: compare the last two lines.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import collections
+import json
+import os
+import random
+import shutil
+import socket
+import statistics
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from pushrelay.v1 import relay_pb2 as pb
+from relay.client import RelayClient
+from relay.testing.configs import vapid_key_pem
+from relay.testing.credentials import ApnsKey
+from relay.testing.fake_apns import FakeAPNs
+from relay.testing.fake_fcm import FakeFCM
+from relay.testing.fake_webpush import FakeWebPush
+from relay.testing.tls import TestPKI
+
+
+def _port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _config(work: Path, pki: TestPKI, key: ApnsKey, fakes: dict[str, Any]) -> tuple[Path, int, int]:
+    (work / "ca.pem").write_bytes(pki.ca_pem)
+    (work / "apns.p8").write_bytes(key.key_pem)
+    (work / "sa.json").write_text(fakes["fcm"].service_account().to_json())
+    (work / "vapid.pem").write_bytes(vapid_key_pem())
+    grpc_port, http_port = _port(), _port()
+    auth = {"key_file": "apns.p8", "key_id": key.key_id, "team_id": key.team_id}
+    config = {
+        "server": {"listen": f"127.0.0.1:{grpc_port}", "http_listen": f"127.0.0.1:{http_port}",
+                   "log_level": "warning"},
+        "apps": [
+            {"id": "chat-ios", "platform": "apns", "topic": "com.example.chat", "auth": auth,
+             "endpoint": fakes["apns"].url, "ca_file": "ca.pem"},
+            {"id": "chat-android", "platform": "fcm", "service_account_file": "sa.json",
+             "endpoint": fakes["fcm"].url, "ca_file": "ca.pem"},
+            {"id": "chat-web", "platform": "webpush", "ca_file": "ca.pem",
+             "vapid": {"private_key_file": "vapid.pem", "subject": "mailto:ops@example.com"},
+             "allowed_endpoints": ["127.0.0.1"]},
+        ],
+    }  # fmt: skip
+    path = work / "relay.yaml"
+    path.write_text(json.dumps(config))
+    return path, grpc_port, http_port
+
+
+async def _process_metrics(http_port: int) -> dict[str, float]:
+    async with httpx.AsyncClient() as client:
+        text = (await client.get(f"http://127.0.0.1:{http_port}/metrics")).text
+    wanted = ("process_resident_memory_bytes", "process_open_fds")
+    values = {}
+    for line in text.splitlines():
+        name = line.split(" ")[0]
+        if name in wanted:
+            values[name] = float(line.split(" ")[1])
+        if name.startswith("pushrelay_circuit_transitions_total") and 'state="open"' in name:
+            values["circuit_opened"] = values.get("circuit_opened", 0) + float(line.split(" ")[1])
+    return values
+
+
+def _print_process(when: str, values: dict[str, float]) -> None:
+    print(
+        f"  {when}: RSS {values['process_resident_memory_bytes'] / 2**20:.1f} MiB, "
+        f"{values['process_open_fds']:.0f} open descriptors",
+        flush=True,
+    )
+
+
+def _device(platform: str, fakes: dict[str, Any]) -> pb.Device:
+    if platform == "apns":
+        return pb.Device(app_id="chat-ios", token=os.urandom(32).hex())
+    if platform == "fcm":
+        return pb.Device(app_id="chat-android", token="fcm-" + os.urandom(70).hex())
+    sub = fakes["webpush"].subscribe()
+    keys = pb.DeviceKeys(p256dh=sub.keys.p256dh, auth=sub.keys.auth)
+    return pb.Device(app_id="chat-web", token=sub.endpoint, keys=keys)
+
+
+def _inject(platform: str, fake: Any) -> None:
+    if platform == "apns":
+        fake.inject(503, "ServiceUnavailable")
+    elif platform == "fcm":
+        fake.inject(503, "UNAVAILABLE")
+    else:
+        fake.inject(503)
+
+
+async def _load(args: argparse.Namespace, port: int, fakes: dict[str, Any]) -> dict[str, Any]:
+    outcomes: collections.Counter[str] = collections.Counter()
+    latencies: list[float] = []
+    platforms = ("apns", "fcm", "webpush")
+    loop = asyncio.get_running_loop()
+    pending: set[asyncio.Task[None]] = set()
+    async with RelayClient(f"127.0.0.1:{port}") as client:
+
+        async def one(i: int, platform: str) -> None:
+            request = pb.SendRequest(
+                request_id=f"soak-{i}",
+                notification=pb.Notification(
+                    kind=pb.INSTANT_MESSAGE,
+                    sender_display_name="Ada",
+                    preview="soak",
+                    conversation_id=f"c{i % 50}",
+                ),
+                devices=[_device(platform, fakes)],
+            )
+            started = loop.time()
+            try:
+                response = await client.send(request, timeout=10)
+            except Exception as error:  # the call failed whole: count it by type
+                outcomes[f"call:{type(error).__name__}"] += 1
+                return
+            latencies.append(loop.time() - started)
+            result = response.results[0]
+            outcomes[f"{platform}:{pb.Outcome.Name(result.outcome)}"] += 1
+
+        start = loop.time()
+        i = 0
+        while (now := loop.time()) - start < args.seconds:
+            due = start + i / args.rate
+            if due > now:
+                await asyncio.sleep(due - now)
+            platform = platforms[i % 3]
+            if random.random() < args.error_rate:
+                _inject(platform, fakes[platform])
+            task = asyncio.create_task(one(i, platform))
+            pending.add(task)
+            task.add_done_callback(pending.discard)
+            for fake in fakes.values():
+                fake.received.clear()  # the fakes must not be what grows
+            i += 1
+        await asyncio.gather(*pending)
+    cuts = statistics.quantiles(latencies, n=100) if len(latencies) > 100 else [0.0] * 99
+    return {"sent": i, "outcomes": outcomes, "p50": cuts[49], "p99": cuts[98]}
+
+
+async def _soak(args: argparse.Namespace) -> int:
+    pki, key = TestPKI(), ApnsKey.generate()
+    work = Path(tempfile.mkdtemp(prefix="push-relay-soak-"))
+    try:
+        async with (
+            FakeAPNs(pki=pki, keys=[key]) as apns,
+            FakeFCM(pki=pki) as fcm,
+            FakeWebPush(pki=pki) as webpush,
+        ):
+            fakes = {"apns": apns, "fcm": fcm, "webpush": webpush}
+            config, grpc_port, http_port = _config(work, pki, key, fakes)
+            relay = await asyncio.create_subprocess_exec(
+                str(Path(sys.executable).with_name("push-relay")), "serve", "--config", str(config),
+                env={**os.environ, "PYTHONDONTWRITEBYTECODE": "1"},
+            )  # fmt: skip
+            try:
+                return await _run(args, grpc_port, http_port, fakes)
+            finally:
+                relay.terminate()
+                await relay.wait()
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+async def _run(
+    args: argparse.Namespace, grpc_port: int, http_port: int, fakes: dict[str, Any]
+) -> int:
+    for _ in range(300):
+        try:
+            start = await _process_metrics(http_port)
+            break
+        except httpx.HTTPError:
+            await asyncio.sleep(0.05)
+    else:
+        print("soak: the relay never came up", file=sys.stderr)
+        return 1
+    print(
+        f"soak: {args.seconds:g} s at {args.rate:g} Send calls/s (one device each, APNs, FCM and "
+        f"Web Push in turn), {args.error_rate:.0%} of provider requests answered 503",
+        flush=True,
+    )
+    _print_process("idle ", start)
+    warm = argparse.Namespace(**{**vars(args), "seconds": args.warmup})
+    await _load(warm, grpc_port, fakes)  # connections, tokens, caches: then the baseline
+    start = await _process_metrics(http_port)
+    _print_process(f"after {args.warmup:g} s warm-up", start)
+    result = await _load(args, grpc_port, fakes)
+    await asyncio.sleep(1)  # let the last answers settle
+    end = await _process_metrics(http_port)
+    _print_process("end  ", end)
+    delivered = sum(n for k, n in result["outcomes"].items() if k.endswith(":DELIVERED"))
+    print(
+        f"  sent {result['sent']}, delivered {delivered} ({delivered / max(result['sent'], 1):.1%})"
+    )
+    for name, count in sorted(result["outcomes"].items()):
+        print(f"    {name:28s} {count}")
+    print(f"  latency p50 {result['p50'] * 1000:.1f} ms, p99 {result['p99'] * 1000:.1f} ms")
+    print(f"  circuit opened: {end.get('circuit_opened', 0):.0f} times")
+    growth = end["process_resident_memory_bytes"] / start["process_resident_memory_bytes"] - 1
+    descriptors = end["process_open_fds"] - start["process_open_fds"]
+    print(f"  RSS {growth:+.1%}, descriptors {descriptors:+.0f}")
+    return 0
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seconds", type=float, default=60.0)
+    parser.add_argument("--rate", type=float, default=300.0, help="Send calls per second")
+    parser.add_argument("--error-rate", type=float, default=0.05)
+    parser.add_argument("--warmup", type=float, default=10.0, help="load before the baseline")
+    return asyncio.run(_soak(parser.parse_args()))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
