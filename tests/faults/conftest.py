@@ -65,7 +65,7 @@ class Target:
         return dataclasses.replace(self, app=app, device=device)
 
 
-def _apns(fake: FakeAPNs, key: ApnsKey) -> Target:
+def apns_target(fake: FakeAPNs, key: ApnsKey) -> Target:
     def fail(status: int, count: int, retry_after: int | None) -> None:
         reason = {429: "TooManyRequests", 500: "InternalServerError"}.get(
             status, "ServiceUnavailable"
@@ -114,7 +114,7 @@ async def target(
 ) -> AsyncIterator[Target]:
     if request.param == "apns":
         async with FakeAPNs(pki=pki, keys=[apns_key]) as apns:
-            yield _apns(apns, apns_key)
+            yield apns_target(apns, apns_key)
     elif request.param == "fcm":
         async with FakeFCM(pki=pki) as fcm:
             yield _fcm(fcm)

@@ -15,7 +15,10 @@ import pytest
 
 from pushrelay.v1 import relay_pb2 as pb
 from relay.client import RelayClient
-from tests.faults.conftest import Relay, Target, metric, one
+from relay.testing.credentials import ApnsKey
+from relay.testing.fake_apns import FakeAPNs
+from relay.testing.tls import TestPKI
+from tests.faults.conftest import Relay, Target, apns_target, metric, one
 
 DEADLINE = 1.5  # seconds the caller gives each call
 
@@ -157,3 +160,29 @@ async def test_the_oauth_token_endpoint_failing_fcm(target: Target, relay_for: R
     result = await check(relay, target, "UNAVAILABLE")
     assert result.reason.startswith("OAUTH"), result.reason
     assert target.provider_requests == 0
+
+
+@pytest.mark.parametrize("target", ["fcm"], indirect=True)
+async def test_an_access_token_refused_mid_life_is_renewed_fcm(
+    target: Target, relay_for: Relay
+) -> None:
+    relay = await relay_for(target)
+    await check(relay, target, "DELIVERED")
+    target.fake.expire_access_tokens()  # Google revoked it early: 401 on the next push
+    await check(relay, target, "DELIVERED")
+
+
+async def test_an_expired_provider_token_is_reminted_apns(
+    pki: TestPKI, apns_key: ApnsKey, relay_for: Relay
+) -> None:
+    # APNs refuses JWTs older than token_max_age_seconds (Apple: one hour) with 403
+    # ExpiredProviderToken; the relay mints a new one and sends again.
+    async with FakeAPNs(
+        pki=pki, keys=[apns_key], token_max_age_seconds=1, token_update_min_seconds=0.5
+    ) as apns:
+        target = apns_target(apns, apns_key)
+        relay = await relay_for(target)
+        await check(relay, target, "DELIVERED")
+        await asyncio.sleep(1.2)
+        await check(relay, target, "DELIVERED")
+        assert [r.reason for r in apns.received][-2:] == ["ExpiredProviderToken", ""]
