@@ -77,6 +77,9 @@ class ApnsSettings:
     send_timeout_seconds: float = 30.0  # backstop; the relay's own deadline is shorter
     connect_timeout_seconds: float = 10.0
     idle_ping_seconds: float = 300.0
+    # A VoIP (PushKit) app: its tokens are PushKit tokens, its pushes ring (INCOMING_CALL only),
+    # and they go to the topic <topic>.voip. Alert pushes need an app entry of their own.
+    voip: bool = False
 
 
 class ProviderToken:
@@ -154,6 +157,7 @@ class ApnsAdapter(Adapter[ApnsSettings]):
         self._auth = auth
         self._base = f"{base}/3/device/"
         self._topic = b"apns-topic: " + settings.topic.encode()
+        self._voip_topic = b"apns-topic: " + settings.topic.encode() + b".voip"
         self._closed = False
 
     @classmethod
@@ -197,6 +201,10 @@ class ApnsAdapter(Adapter[ApnsSettings]):
             return Outcome(Verdict.TOKEN_INVALID, "BadDeviceToken")
         if push.collapse_key and not _valid_header_value(push.collapse_key, 64):
             return Outcome(Verdict.REJECTED, "BadCollapseId")  # what APNs would answer
+        if push.voip != self._settings.voip:
+            # The relay refuses these requests first; a VoIP push that does not ring gets an
+            # iOS app terminated, and an alert to a PushKit token goes nowhere.
+            return Outcome(Verdict.REJECTED, "VoipOnlyApp" if self._settings.voip else "NotVoipApp")
         apns_id = _apns_id(push.push_id)
         body = push.payload if isinstance(push.payload, bytes) else encode_json(push.payload)
         response = await self._send_once(push, apns_id, body)
@@ -231,11 +239,7 @@ class ApnsAdapter(Adapter[ApnsSettings]):
     def _headers(self, push: Push, apns_id: str, authorization: str) -> list[bytes]:
         headers = [
             b"apns-id: " + apns_id.encode("ascii"),
-            self._topic,
-            b"apns-push-type: background" if push.background else b"apns-push-type: alert",
-            b"apns-priority: 10"
-            if push.high_priority and not push.background
-            else b"apns-priority: 5",
+            *self._kind_headers(push),
             b"apns-expiration: " + _expiration(push.ttl_seconds),
             *_NO_DEFAULT_HEADERS,
         ]
@@ -244,6 +248,15 @@ class ApnsAdapter(Adapter[ApnsSettings]):
         if authorization:
             headers.append(b"authorization: " + authorization.encode("ascii"))
         return headers
+
+    def _kind_headers(self, push: Push) -> tuple[bytes, bytes, bytes]:
+        """Topic, push type and priority (background pushes must be priority 5)."""
+        if push.voip:
+            return self._voip_topic, b"apns-push-type: voip", b"apns-priority: 10"
+        if push.background:
+            return self._topic, b"apns-push-type: background", b"apns-priority: 5"
+        priority = b"apns-priority: 10" if push.high_priority else b"apns-priority: 5"
+        return self._topic, b"apns-push-type: alert", priority
 
 
 # libcurl's defaults that APNs has no use for: sent empty, they are left out.

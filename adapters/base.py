@@ -84,6 +84,9 @@ class Push:
             (APNs ``apns-id``) use it, so concurrent pushes never share one.
         pad_to: Web Push: pad the plaintext with RFC 8188 padding to at least this many bytes
             before encrypting it, so the body's length reveals only a size bucket; 0 = none.
+        voip: a ringing call (``INCOMING_CALL``): on APNs a PushKit push (``apns-push-type:
+            voip``, topic ``<bundle>.voip``, priority 10) to an app configured for VoIP;
+            elsewhere a high-priority data message.
     """
 
     token: str
@@ -95,6 +98,7 @@ class Push:
     keys: DeviceKeys | None = None
     push_id: str = ""
     pad_to: int = 0
+    voip: bool = False
 
 
 def encode_json(payload: Mapping[str, Any]) -> bytes:

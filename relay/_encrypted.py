@@ -35,13 +35,14 @@ BUCKETS = (256, 512, 1024, 2048)
 MAX_DOCUMENT_BYTES = BUCKETS[-1]
 
 
-def document(message: Message, badge: int | None, sent_at_ms: int) -> bytes:
+def document(message: Message, badge: int | None, sent_at_ms: int, *, thread: str = "") -> bytes:
     """The encoded document for ``message``, cut to fit :data:`MAX_DOCUMENT_BYTES`.
 
     Args:
         message: the notification.
         badge: the badge to set, as the ``relay`` object carries it (None: leave it alone).
         sent_at_ms: when the relay rendered the push, in milliseconds since the epoch.
+        thread: ``CLEAR``: the thread key of the notifications to withdraw ("" = none).
 
     Raises:
         ValueError: the document cannot fit even with sender and preview cut to an ellipsis
@@ -58,15 +59,20 @@ def document(message: Message, badge: int | None, sent_at_ms: int) -> bytes:
         doc.update((name, value) for name, value in optional if value)
         if badge is not None:
             doc["badge"] = badge
+        if message.kind is Kind.CLEAR:
+            doc["badge"] = message.badge
+            if thread:
+                doc["thread"] = thread
         if message.kind is Kind.MESSAGE_WAITING:
             doc["count"] = message.waiting_count
         doc["sent_at_ms"] = sent_at_ms
         return doc
 
+    # A CLEAR names no one and says nothing, even inside the ciphertext.
+    texts = ("", "") if message.kind is Kind.CLEAR else (message.sender, message.preview)
     fitted = fit_pair(
         lambda sender, preview: len(encode_json(build(sender, preview))),
-        message.sender,
-        message.preview,
+        *texts,
         MAX_DOCUMENT_BYTES,
     )
     if fitted is None:

@@ -45,10 +45,15 @@ class Envelope:
     high_priority: bool
     silent: bool
     encrypted: bool = False
+    voip: bool = False  # a ringing call: APNs PushKit payload, data-only elsewhere
 
 
 def apns(env: Envelope, alert: Alert | None) -> Built:
     """The APNs JSON payload: ``aps`` plus the ``relay`` custom key."""
+    if env.voip:
+        # PushKit hands the whole dictionary to the app, which reports the call to CallKit:
+        # no alert, badge or sound, so aps stays empty.
+        return {"aps": {}, "relay": env.relay}, False
     if env.silent:
         # Background pushes carry content-available alone: alert, sound or badge would make
         # them alert pushes, which ID_ONLY must never be.

@@ -301,6 +301,12 @@ def _tls(values: dict[str, Any]) -> TlsConfig:
     return TlsConfig(**values)
 
 
+def _flag(ctx: s.Ctx, path: str, value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise Invalid("must be true or false")
+    return value
+
+
 def _host_glob(ctx: s.Ctx, path: str, value: Any) -> str:
     rule = "must be a host glob like *.push.services.mozilla.com (no scheme, port or path)"
     glob: str = s.string(r"[A-Za-z0-9*?.-]+", rule)(ctx, path, value)
@@ -380,6 +386,7 @@ _APNS = Section(
         "environment": Field(s.choice(("production", "sandbox"))),
         "auth": Field(_APNS_AUTH, required=True),
         "endpoint": Field(s.url("https")),
+        "voip": Field(_flag),
     },
     build=_app(ApnsSettings, "auth"),
 )

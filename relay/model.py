@@ -18,6 +18,8 @@ class Kind(enum.IntEnum):
     INVITATION = 2
     MISSED_CALL = 3
     MESSAGE_WAITING = 4
+    INCOMING_CALL = 5  # a ringing call: a VoIP push on iOS
+    CLEAR = 6  # read, answered or ended elsewhere: withdraw the conversation's notifications
 
 
 class Privacy(enum.IntEnum):

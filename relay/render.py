@@ -143,13 +143,22 @@ class GroupingKeys:
 Collapse = Literal["never", "per_conversation", "always"]
 
 
+Delivery = Literal["alert", "voip", "background"]
+
+
 @dataclass(frozen=True, slots=True)
 class _Policy:
-    ttl_seconds: int
+    """One kind's rendering policy: the table README.md lists ("Per-kind policy")."""
+
+    ttl_seconds: int  # the default time providers may hold it
     high_priority: bool
     collapse: Collapse
-    generic: Alert  # the REDACTED alert (MESSAGE_WAITING: unused, its alert is the count)
+    generic: Alert | None  # the REDACTED alert; None: the kind never alerts
+    delivery: Delivery = "alert"
+    max_ttl_seconds: int = MAX_TTL_SECONDS  # a caller's ttl_seconds is cut to this
 
+
+_CALL_SECONDS = 30  # how long a call rings: after that a late VoIP push would ring a dead call
 
 _POLICIES: Mapping[Kind, _Policy] = {
     Kind.INSTANT_MESSAGE: _Policy(3600, True, "never", Alert("", "New message", "INSTANT_MESSAGE")),
@@ -163,6 +172,13 @@ _POLICIES: Mapping[Kind, _Policy] = {
     Kind.MESSAGE_WAITING: _Policy(
         86400, False, "always", Alert("", "New voicemail", "MESSAGE_WAITING")
     ),
+    # Rings at once or never: a VoIP push on iOS (the app must report it to CallKit), a
+    # high-priority data message elsewhere, held no longer than the call rings.
+    Kind.INCOMING_CALL: _Policy(
+        _CALL_SECONDS, True, "never", None, "voip", max_ttl_seconds=_CALL_SECONDS
+    ),
+    # Withdraws a conversation's notifications: never an alert or a sound, not urgent.
+    Kind.CLEAR: _Policy(86400, False, "never", None, "background"),
 }
 
 
@@ -188,7 +204,9 @@ def render(
             to them.
         grouping: the grouping-key HMACs.
         push_id: a fresh id for this push, passed through.
-        sent_at_ms: ``ENCRYPTED``: the document's send time (ms since the epoch); None = now.
+        sent_at_ms: when the push was rendered (ms since the epoch; None = now): in the
+            ``ENCRYPTED`` document, and in an ``INCOMING_CALL``'s ``relay`` object so the app
+            can drop a call that arrives after it stopped ringing.
 
     Returns:
         The push, its payload within the platform's limit (:data:`LIMIT_BYTES`): the preview is
@@ -202,10 +220,10 @@ def render(
     """
     if platform not in _payloads.BUILDERS:
         raise ValueError(f"platform: unknown platform {platform!r}")
-    env = _envelope(message, privacy, grouping)
+    sent_at = time.time_ns() // 1_000_000 if sent_at_ms is None else sent_at_ms
+    env = _envelope(message, privacy, grouping, sent_at)
     pad_to = 0
     if privacy is Privacy.ENCRYPTED:
-        sent_at = time.time_ns() // 1_000_000 if sent_at_ms is None else sent_at_ms
         payload, background, pad_to = _sealed(message, platform, keys, env, sent_at)
     else:
         payload, background = _fitted(message, privacy, platform, env)
@@ -219,22 +237,33 @@ def render(
         keys=keys,
         push_id=push_id,
         pad_to=pad_to,
+        voip=env.voip,
     )
 
 
 def _fitted(message: Message, privacy: Privacy, platform: str, env: Envelope) -> _payloads.Built:
     build, limit = _payloads.BUILDERS[platform], LIMIT_BYTES[platform]
 
+    def built(sender: str, preview: str) -> _payloads.Built:
+        return build(_with_caller(env, message, sender), _alert(message, privacy, sender, preview))
+
     def size_of(sender: str, preview: str) -> int:
-        payload, _ = build(env, _alert(message, privacy, sender, preview))
-        return len(encode_json(payload))
+        return len(encode_json(built(sender, preview)[0]))
 
     # Only FULL shows sender and preview; other modes never see them, so they cannot leak.
     texts = (message.sender, message.preview) if privacy is Privacy.FULL else ("", "")
     fitted = fit_pair(size_of, *texts, limit)
     if fitted is None:
         raise ValueError(f"payload: over the {platform} limit of {limit} bytes")
-    return build(env, _alert(message, privacy, *fitted))
+    return built(*fitted)
+
+
+def _with_caller(env: Envelope, message: Message, sender: str) -> Envelope:
+    """An incoming call names its caller in ``relay.caller`` (FULL only: the sender is "" in
+    the other modes), cut to fit like an alert's title."""
+    if message.kind is not Kind.INCOMING_CALL or not sender:
+        return env
+    return dataclasses.replace(env, relay={**env.relay, "caller": sender})
 
 
 def _wire(platform: str, payload: _payloads.Payload | bytes) -> _payloads.Payload | bytes:
@@ -250,7 +279,9 @@ def _sealed(
     """``ENCRYPTED``: the payload, whether it is silent, and the Web Push padding bucket."""
     if keys is None:  # effective_privacy never serves ENCRYPTED without keys
         raise ValueError("keys: ENCRYPTED needs the device's keys")
-    document = _encrypted.document(message, _badge(message), sent_at_ms)
+    # CLEAR: the thread key the notifications to remove carry travels inside too.
+    thread = env.thread if message.kind is Kind.CLEAR else ""
+    document = _encrypted.document(message, _badge(message), sent_at_ms, thread=thread)
     if platform == "webpush":
         # The adapter encrypts every Web Push body to these same keys: the document is the
         # body, padded to its bucket there (encrypting it here too would do it twice).
@@ -264,25 +295,47 @@ def _sealed(
     return payload, background, 0
 
 
-def _envelope(message: Message, privacy: Privacy, grouping: GroupingKeys) -> Envelope:
+def _envelope(
+    message: Message, privacy: Privacy, grouping: GroupingKeys, sent_at_ms: int
+) -> Envelope:
     policy = _POLICIES[message.kind]
-    silent = privacy is Privacy.ID_ONLY
+    silent = privacy is Privacy.ID_ONLY or policy.delivery == "background"
     encrypted = privacy is Privacy.ENCRYPTED
     badge = None if silent else _badge(message)
     if encrypted:
         # The badge travels inside the ciphertext, except a cleared count (see the docstring).
         badge = 0 if _cleared_count(message) else None
     cid = message.conversation_id
+    thread = grouping.for_conversation(cid) if cid else ""
+    relay: dict[str, Any] = {}
+    if not encrypted:
+        relay = _relay_object(message, badge)
+        relay.update(_kind_fields(message, thread, sent_at_ms))
     return Envelope(
-        relay={} if encrypted else _relay_object(message, badge),
-        thread=grouping.for_conversation(cid) if cid else "",
+        relay=relay,
+        thread=thread,
         collapse=_collapse_key(message, policy.collapse, grouping),
-        badge=badge,
+        badge=None if policy.delivery == "background" else badge,
         ttl_seconds=_ttl(message, policy),
         high_priority=policy.high_priority,
         silent=silent,
         encrypted=encrypted,
+        voip=policy.delivery == "voip",
     )
+
+
+def _kind_fields(message: Message, thread: str, sent_at_ms: int) -> dict[str, Any]:
+    """What the app needs beyond kind and conversation id to act on a call or a clear."""
+    if message.kind is Kind.INCOMING_CALL:
+        # When it rang, to drop a call that arrives late; the caller is added when fitting.
+        return {"sent_at_ms": sent_at_ms}
+    if message.kind is Kind.CLEAR:
+        # The thread key the notifications to withdraw carry (thread-id, tag), and the badge.
+        fields: dict[str, Any] = {"badge": message.badge}
+        if thread:
+            fields["thread"] = thread
+        return fields
+    return {}
 
 
 def _cleared_count(message: Message) -> bool:
@@ -315,14 +368,14 @@ def _collapse_key(message: Message, collapse: Collapse, grouping: GroupingKeys) 
 
 def _ttl(message: Message, policy: _Policy) -> int:
     if message.ttl_seconds > 0:
-        return min(message.ttl_seconds, MAX_TTL_SECONDS)
+        return min(message.ttl_seconds, policy.max_ttl_seconds)
     return policy.ttl_seconds
 
 
 def _alert(message: Message, privacy: Privacy, sender: str, preview: str) -> Alert | None:
     """What the user sees in ``privacy``, with ``sender`` and ``preview`` as fitted."""
-    if privacy is Privacy.ID_ONLY:
-        return None
+    if privacy is Privacy.ID_ONLY or _POLICIES[message.kind].generic is None:
+        return None  # silent, or a kind that never alerts (a call rings, a clear withdraws)
     if privacy is Privacy.ENCRYPTED:
         # The fallback, shown if the device cannot decrypt in time: no count, no names.
         return None if _cleared_count(message) else _POLICIES[message.kind].generic

@@ -12,6 +12,7 @@ from collections.abc import Callable, Mapping, Sequence
 
 from cryptography.hazmat.primitives.asymmetric import ec
 
+from adapters.apns import ApnsSettings
 from adapters.base import DeviceKeys
 from adapters.webpush import WebPushSettings, check_endpoint
 from pushrelay.v1 import relay_pb2 as pb
@@ -65,7 +66,7 @@ def check_request(
     """Every problem with ``request``, each as ``field: rule``; empty when it is valid."""
     problems = _check_header(request)
     problems += _check_notification(request.notification)
-    problems += _check_devices(request.devices, apps, limits)
+    problems += _check_devices(request.devices, apps, limits, request.notification.kind)
     return problems
 
 
@@ -96,7 +97,7 @@ def _check_notification(n: pb.Notification) -> list[str]:
 
 
 def _check_devices(
-    devices: Sequence[pb.Device], apps: Mapping[str, AppConfig], limits: Limits
+    devices: Sequence[pb.Device], apps: Mapping[str, AppConfig], limits: Limits, kind: int
 ) -> list[str]:
     if not devices:
         return ["devices: at least one device is required"]
@@ -104,18 +105,21 @@ def _check_devices(
         return [f"devices: more than {limits.max_devices} devices (limits.max_devices)"]
     problems = []
     for i, device in enumerate(devices):
-        problem = _check_device(device, apps)
+        problem = _check_device(device, apps, kind)
         if problem:
             problems.append(f"devices[{i}].{problem}")
     return problems
 
 
-def _check_device(device: pb.Device, apps: Mapping[str, AppConfig]) -> str | None:
+def _check_device(device: pb.Device, apps: Mapping[str, AppConfig], kind: int) -> str | None:
     if not device.app_id:
         return "app_id: required"
     app = apps.get(device.app_id)
     if app is None:
         return "app_id: not a configured app"
+    problem = _check_voip(app, kind)
+    if problem:
+        return problem
     if not device.token:
         return "token: required"
     if device.HasField("keys"):
@@ -124,6 +128,17 @@ def _check_device(device: pb.Device, apps: Mapping[str, AppConfig]) -> str | Non
             return problem
     check = DEVICE_CHECKS.get(app.platform)
     return check(device, app) if check else None
+
+
+def _check_voip(app: AppConfig, kind: int) -> str | None:
+    """On APNs a ringing call needs a VoIP app (a PushKit token), and a VoIP app takes nothing
+    else: iOS terminates an app whose VoIP push does not report a call."""
+    voip = isinstance(app.settings, ApnsSettings) and app.settings.voip
+    if kind == pb.INCOMING_CALL and app.platform == "apns" and not voip:
+        return "app_id: INCOMING_CALL needs an APNs app with voip: true (its PushKit token)"
+    if voip and kind != pb.INCOMING_CALL:
+        return "app_id: a voip app takes only INCOMING_CALL (use the app's alert entry)"
+    return None
 
 
 def _check_keys(keys: pb.DeviceKeys) -> str | None:

@@ -77,8 +77,8 @@ def test_an_added_enum_value_is_not_breaking(tmp_path: Path) -> None:
     """New kinds are appended (wire-compatible): buf must let that through."""
     proto = _copy(tmp_path)
     text = proto.read_text()
-    anchor = "  MESSAGE_WAITING = 4;"
+    anchor = "  CLEAR = 6;"
     assert anchor in text
-    proto.write_text(text.replace(anchor, anchor + "\n  SOMETHING_NEW = 5;"))
+    proto.write_text(text.replace(anchor, anchor + "\n  SOMETHING_NEW = 7;"))
     result = run("breaking", "--against", str(RELEASED), cwd=tmp_path)
     assert result.returncode == 0, result.stdout + result.stderr

@@ -143,7 +143,13 @@ def test_example_loads(example: Path, material: Material) -> None:
     assert client.token == material.token  # surrounding whitespace stripped
     assert client.apps == ("chat-ios", "chat-ios-legacy", "chat-android", "chat-web")
 
-    assert list(config.apps) == ["chat-ios", "chat-ios-legacy", "chat-android", "chat-web"]
+    assert list(config.apps) == [
+        "chat-ios",
+        "chat-ios-legacy",
+        "chat-ios-voip",
+        "chat-android",
+        "chat-web",
+    ]
     ios = config.apps["chat-ios"]
     assert (ios.id, ios.platform, ios.max_concurrency) == ("chat-ios", "apns", 100)
     assert ios.privacy == PrivacyPolicy(Privacy.FULL, Privacy.FULL)
@@ -155,6 +161,11 @@ def test_example_loads(example: Path, material: Material) -> None:
         key_id="ABC123DEFG",
         team_id="TEAM123456",
     )
+
+    voip = config.apps["chat-ios-voip"].settings
+    assert isinstance(voip, ApnsSettings)
+    assert (voip.voip, voip.topic, voip.key_pem) == (True, "com.example.chat", material.p8)
+    assert ios.settings.voip is False
 
     legacy = config.apps["chat-ios-legacy"].settings
     assert isinstance(legacy, ApnsSettings)

@@ -102,13 +102,17 @@ def expected_document(kind: Kind, **fields: Any) -> dict[str, Any]:
 @pytest.mark.parametrize(("kind", "platform"), ALL)
 def test_every_platform_carries_the_same_document(kind: Kind, platform: str) -> None:
     push = sealed(msg(kind, badge=2, waiting_count=3), platform)
-    extra = {"badge": 3, "count": 3} if kind is MW else {"badge": 2}
-    assert opened(push, platform) == expected_document(kind, **extra)
+    extra: dict[str, Any] = {"badge": 3, "count": 3} if kind is MW else {"badge": 2}
+    expected = expected_document(kind, **extra)
+    if kind is Kind.CLEAR:  # no sender or preview; the thread key of what to withdraw
+        del expected["sender"], expected["preview"]
+        expected["thread"] = GROUPING.for_conversation(CID)
+    assert opened(push, platform) == expected
     assert len(encoded(push)) <= LIMIT_BYTES[platform]
     assert (push.token, push.keys, push.push_id) == ("tok", DEVICE.keys, "p1")
 
 
-@pytest.mark.parametrize("kind", list(Kind))
+@pytest.mark.parametrize("kind", [k for k in Kind if k not in (Kind.INCOMING_CALL, Kind.CLEAR)])
 def test_apns_envelope_is_a_mutable_generic_alert_and_the_ciphertext(kind: Kind) -> None:
     push = sealed(msg(kind, badge=2, waiting_count=3), "apns")
     payload = received(push)
@@ -135,8 +139,26 @@ def test_fcm_envelope_is_data_only_with_the_ciphertext(kind: Kind) -> None:
     assert set(relay) == {"v", "enc"} and relay["v"] == 1
     android = payload["android"]
     assert "notification" not in android
-    assert android["priority"] == ("normal" if kind is MW else "high")
+    assert android["priority"] == ("normal" if kind in (MW, Kind.CLEAR) else "high")
     assert push.background
+
+
+def test_apns_incoming_call_is_a_voip_push_with_only_the_ciphertext() -> None:
+    push = sealed(msg(Kind.INCOMING_CALL), "apns")
+    payload = received(push)
+    assert isinstance(payload, dict)
+    assert payload["aps"] == {}  # PushKit: no alert to fall back on, the app rings via CallKit
+    assert set(payload["relay"]) == {"v", "enc"}
+    assert push.voip and push.high_priority and push.ttl_seconds == 30
+
+
+def test_apns_clear_is_a_silent_push_with_only_the_ciphertext() -> None:
+    push = sealed(msg(Kind.CLEAR, badge=2), "apns")
+    payload = received(push)
+    assert isinstance(payload, dict)
+    assert payload["aps"] == {"content-available": 1}  # no alert, sound or badge in the clear
+    assert set(payload["relay"]) == {"v", "enc"}
+    assert push.background and not push.voip and not push.high_priority
 
 
 def test_webpush_body_is_the_document_padded_by_the_adapter() -> None:
@@ -297,7 +319,7 @@ def is_whole_prefix(cut: str, original: str) -> bool:
 
 @given(
     platform=st.sampled_from(PLATFORMS),
-    kind=st.sampled_from(list(Kind)),
+    kind=st.sampled_from([k for k in Kind if k is not Kind.CLEAR]),  # a CLEAR carries no text
     sender=text_up_to(256),
     preview=text_up_to(4000),
     conversation_id=text_up_to(256).map(lambda s: s.encode()[:256].decode(errors="ignore")),

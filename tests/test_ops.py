@@ -20,7 +20,14 @@ NAMES = (
 )
 CLOSED = {
     "method": {"Send", "SendStream"},
-    "kind": {"instant_message", "invitation", "missed_call", "message_waiting"},
+    "kind": {
+        "instant_message",
+        "invitation",
+        "missed_call",
+        "message_waiting",
+        "incoming_call",
+        "clear",
+    },
     "platform": {"apns", "fcm", "webpush"},
     "outcome": {"DELIVERED", "TOKEN_INVALID", "REJECTED", "RATE_LIMITED", "UNAVAILABLE"},
 }

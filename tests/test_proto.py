@@ -43,7 +43,16 @@ def test_generated_code_is_not_stale(tmp_path: Path) -> None:
     [
         (
             pb.Kind,
-            ["KIND_UNSPECIFIED", "INSTANT_MESSAGE", "INVITATION", "MISSED_CALL", "MESSAGE_WAITING"],
+            # Appended, wire-compatible: existing numbers never change (buf breaking checks).
+            [
+                "KIND_UNSPECIFIED",
+                "INSTANT_MESSAGE",
+                "INVITATION",
+                "MISSED_CALL",
+                "MESSAGE_WAITING",
+                "INCOMING_CALL",
+                "CLEAR",
+            ],
         ),
         (pb.Privacy, ["PRIVACY_UNSPECIFIED", "FULL", "REDACTED", "ID_ONLY", "ENCRYPTED"]),
         (

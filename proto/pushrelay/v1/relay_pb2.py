@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18pushrelay/v1/relay.proto\x12\x0cpushrelay.v1\"z\n\x0bSendRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x30\n\x0cnotification\x18\x02 \x01(\x0b\x32\x1a.pushrelay.v1.Notification\x12%\n\x07\x64\x65vices\x18\x03 \x03(\x0b\x32\x14.pushrelay.v1.Device\"\xda\x01\n\x0cNotification\x12 \n\x04kind\x18\x01 \x01(\x0e\x32\x12.pushrelay.v1.Kind\x12\x1b\n\x13sender_display_name\x18\x02 \x01(\t\x12\x0f\n\x07preview\x18\x03 \x01(\t\x12\x17\n\x0f\x63onversation_id\x18\x04 \x01(\t\x12\r\n\x05\x62\x61\x64ge\x18\x05 \x01(\r\x12\x15\n\rwaiting_count\x18\x06 \x01(\r\x12&\n\x07privacy\x18\x07 \x01(\x0e\x32\x15.pushrelay.v1.Privacy\x12\x13\n\x0bttl_seconds\x18\x08 \x01(\r\"O\n\x06\x44\x65vice\x12\x0e\n\x06\x61pp_id\x18\x01 \x01(\t\x12\r\n\x05token\x18\x02 \x01(\t\x12&\n\x04keys\x18\x03 \x01(\x0b\x32\x18.pushrelay.v1.DeviceKeys\"*\n\nDeviceKeys\x12\x0e\n\x06p256dh\x18\x01 \x01(\x0c\x12\x0c\n\x04\x61uth\x18\x02 \x01(\x0c\"O\n\x0cSendResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12+\n\x07results\x18\x02 \x03(\x0b\x32\x1a.pushrelay.v1.DeviceResult\"\xc8\x01\n\x0c\x44\x65viceResult\x12&\n\x07outcome\x18\x01 \x01(\x0e\x32\x15.pushrelay.v1.Outcome\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12\x1b\n\x13provider_message_id\x18\x03 \x01(\t\x12\x1b\n\x13retry_after_seconds\x18\x04 \x01(\r\x12&\n\x07privacy\x18\x05 \x01(\x0e\x32\x15.pushrelay.v1.Privacy\x12\x1e\n\x16token_invalid_since_ms\x18\x06 \x01(\x04*g\n\x04Kind\x12\x14\n\x10KIND_UNSPECIFIED\x10\x00\x12\x13\n\x0fINSTANT_MESSAGE\x10\x01\x12\x0e\n\nINVITATION\x10\x02\x12\x0f\n\x0bMISSED_CALL\x10\x03\x12\x13\n\x0fMESSAGE_WAITING\x10\x04*V\n\x07Privacy\x12\x17\n\x13PRIVACY_UNSPECIFIED\x10\x00\x12\x08\n\x04\x46ULL\x10\x01\x12\x0c\n\x08REDACTED\x10\x02\x12\x0b\n\x07ID_ONLY\x10\x03\x12\r\n\tENCRYPTED\x10\x04*u\n\x07Outcome\x12\x17\n\x13OUTCOME_UNSPECIFIED\x10\x00\x12\r\n\tDELIVERED\x10\x01\x12\x11\n\rTOKEN_INVALID\x10\x02\x12\x0c\n\x08REJECTED\x10\x03\x12\x10\n\x0cRATE_LIMITED\x10\x04\x12\x0f\n\x0bUNAVAILABLE\x10\x05\x32\x93\x01\n\tPushRelay\x12=\n\x04Send\x12\x19.pushrelay.v1.SendRequest\x1a\x1a.pushrelay.v1.SendResponse\x12G\n\nSendStream\x12\x19.pushrelay.v1.SendRequest\x1a\x1a.pushrelay.v1.SendResponse(\x01\x30\x01\x42:\n\x10\x63om.pushrelay.v1P\x01Z$example.com/pushrelay/v1;pushrelayv1b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18pushrelay/v1/relay.proto\x12\x0cpushrelay.v1\"z\n\x0bSendRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x30\n\x0cnotification\x18\x02 \x01(\x0b\x32\x1a.pushrelay.v1.Notification\x12%\n\x07\x64\x65vices\x18\x03 \x03(\x0b\x32\x14.pushrelay.v1.Device\"\xda\x01\n\x0cNotification\x12 \n\x04kind\x18\x01 \x01(\x0e\x32\x12.pushrelay.v1.Kind\x12\x1b\n\x13sender_display_name\x18\x02 \x01(\t\x12\x0f\n\x07preview\x18\x03 \x01(\t\x12\x17\n\x0f\x63onversation_id\x18\x04 \x01(\t\x12\r\n\x05\x62\x61\x64ge\x18\x05 \x01(\r\x12\x15\n\rwaiting_count\x18\x06 \x01(\r\x12&\n\x07privacy\x18\x07 \x01(\x0e\x32\x15.pushrelay.v1.Privacy\x12\x13\n\x0bttl_seconds\x18\x08 \x01(\r\"O\n\x06\x44\x65vice\x12\x0e\n\x06\x61pp_id\x18\x01 \x01(\t\x12\r\n\x05token\x18\x02 \x01(\t\x12&\n\x04keys\x18\x03 \x01(\x0b\x32\x18.pushrelay.v1.DeviceKeys\"*\n\nDeviceKeys\x12\x0e\n\x06p256dh\x18\x01 \x01(\x0c\x12\x0c\n\x04\x61uth\x18\x02 \x01(\x0c\"O\n\x0cSendResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12+\n\x07results\x18\x02 \x03(\x0b\x32\x1a.pushrelay.v1.DeviceResult\"\xc8\x01\n\x0c\x44\x65viceResult\x12&\n\x07outcome\x18\x01 \x01(\x0e\x32\x15.pushrelay.v1.Outcome\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12\x1b\n\x13provider_message_id\x18\x03 \x01(\t\x12\x1b\n\x13retry_after_seconds\x18\x04 \x01(\r\x12&\n\x07privacy\x18\x05 \x01(\x0e\x32\x15.pushrelay.v1.Privacy\x12\x1e\n\x16token_invalid_since_ms\x18\x06 \x01(\x04*\x85\x01\n\x04Kind\x12\x14\n\x10KIND_UNSPECIFIED\x10\x00\x12\x13\n\x0fINSTANT_MESSAGE\x10\x01\x12\x0e\n\nINVITATION\x10\x02\x12\x0f\n\x0bMISSED_CALL\x10\x03\x12\x13\n\x0fMESSAGE_WAITING\x10\x04\x12\x11\n\rINCOMING_CALL\x10\x05\x12\t\n\x05\x43LEAR\x10\x06*V\n\x07Privacy\x12\x17\n\x13PRIVACY_UNSPECIFIED\x10\x00\x12\x08\n\x04\x46ULL\x10\x01\x12\x0c\n\x08REDACTED\x10\x02\x12\x0b\n\x07ID_ONLY\x10\x03\x12\r\n\tENCRYPTED\x10\x04*u\n\x07Outcome\x12\x17\n\x13OUTCOME_UNSPECIFIED\x10\x00\x12\r\n\tDELIVERED\x10\x01\x12\x11\n\rTOKEN_INVALID\x10\x02\x12\x0c\n\x08REJECTED\x10\x03\x12\x10\n\x0cRATE_LIMITED\x10\x04\x12\x0f\n\x0bUNAVAILABLE\x10\x05\x32\x93\x01\n\tPushRelay\x12=\n\x04Send\x12\x19.pushrelay.v1.SendRequest\x1a\x1a.pushrelay.v1.SendResponse\x12G\n\nSendStream\x12\x19.pushrelay.v1.SendRequest\x1a\x1a.pushrelay.v1.SendResponse(\x01\x30\x01\x42:\n\x10\x63om.pushrelay.v1P\x01Z$example.com/pushrelay/v1;pushrelayv1b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -32,12 +32,12 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'pushrelay.v1.relay_pb2', _g
 if not _descriptor._USE_C_DESCRIPTORS:
   _globals['DESCRIPTOR']._loaded_options = None
   _globals['DESCRIPTOR']._serialized_options = b'\n\020com.pushrelay.v1P\001Z$example.com/pushrelay/v1;pushrelayv1'
-  _globals['_KIND']._serialized_start=796
-  _globals['_KIND']._serialized_end=899
-  _globals['_PRIVACY']._serialized_start=901
-  _globals['_PRIVACY']._serialized_end=987
-  _globals['_OUTCOME']._serialized_start=989
-  _globals['_OUTCOME']._serialized_end=1106
+  _globals['_KIND']._serialized_start=797
+  _globals['_KIND']._serialized_end=930
+  _globals['_PRIVACY']._serialized_start=932
+  _globals['_PRIVACY']._serialized_end=1018
+  _globals['_OUTCOME']._serialized_start=1020
+  _globals['_OUTCOME']._serialized_end=1137
   _globals['_SENDREQUEST']._serialized_start=42
   _globals['_SENDREQUEST']._serialized_end=164
   _globals['_NOTIFICATION']._serialized_start=167
@@ -50,6 +50,6 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_SENDRESPONSE']._serialized_end=591
   _globals['_DEVICERESULT']._serialized_start=594
   _globals['_DEVICERESULT']._serialized_end=794
-  _globals['_PUSHRELAY']._serialized_start=1109
-  _globals['_PUSHRELAY']._serialized_end=1256
+  _globals['_PUSHRELAY']._serialized_start=1140
+  _globals['_PUSHRELAY']._serialized_end=1287
 # @@protoc_insertion_point(module_scope)

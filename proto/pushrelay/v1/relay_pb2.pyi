@@ -35,6 +35,16 @@ class _KindEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Kind.ValueType],
     INVITATION: _Kind.ValueType  # 2
     MISSED_CALL: _Kind.ValueType  # 3
     MESSAGE_WAITING: _Kind.ValueType  # 4
+    INCOMING_CALL: _Kind.ValueType  # 5
+    """A call is ringing for this user now. On iOS a VoIP (PushKit) push to an app configured
+    with `voip: true`, whose token is the PushKit token; on Android and the web a high-priority
+    data message living as long as the call rings (30 s unless ttl_seconds is shorter).
+    """
+    CLEAR: _Kind.ValueType  # 6
+    """The conversation (or call) named by conversation_id was read, answered or ended
+    elsewhere: remove its notifications from this device and apply `badge`. Never an alert,
+    never a sound: a background push on iOS, a data message on Android and the web.
+    """
 
 class Kind(_Kind, metaclass=_KindEnumTypeWrapper): ...
 
@@ -43,6 +53,16 @@ INSTANT_MESSAGE: Kind.ValueType  # 1
 INVITATION: Kind.ValueType  # 2
 MISSED_CALL: Kind.ValueType  # 3
 MESSAGE_WAITING: Kind.ValueType  # 4
+INCOMING_CALL: Kind.ValueType  # 5
+"""A call is ringing for this user now. On iOS a VoIP (PushKit) push to an app configured
+with `voip: true`, whose token is the PushKit token; on Android and the web a high-priority
+data message living as long as the call rings (30 s unless ttl_seconds is shorter).
+"""
+CLEAR: Kind.ValueType  # 6
+"""The conversation (or call) named by conversation_id was read, answered or ended
+elsewhere: remove its notifications from this device and apply `badge`. Never an alert,
+never a sound: a background push on iOS, a data message on Android and the web.
+"""
 Global___Kind: _TypeAlias = Kind  # noqa: Y015
 
 class _Privacy:
