@@ -1,11 +1,12 @@
 """``push-relay demo``: the relay and the bundled fake providers in one process, on loopback.
 
 Sends every kind in every privacy mode to every platform (APNs, FCM, Web Push) through the real
-gRPC API, plus a dead token for each and a push for a misconfigured app, then prints what each
-provider received (Web Push: the plaintext the browser decrypts; ``ENCRYPTED`` on APNs and FCM:
-the ciphertext, shortened, and the document the device decrypts from it) and each outcome. Every
-device has keys, so ``ENCRYPTED`` is served as such. Exits 0 when every outcome is the one
-expected. Nothing is written to disk: keys and certificates are made in memory.
+gRPC API (on iOS an incoming call goes to the app's VoIP entry, as a PushKit push), plus a dead
+token for each and a push for a misconfigured app, then prints what each provider received
+(Web Push: the plaintext the browser decrypts; ``ENCRYPTED`` on APNs and FCM: the ciphertext,
+shortened, and the document the device decrypts from it) and each outcome. Every device has
+keys, so ``ENCRYPTED`` is served as such. Exits 0 when every outcome is the one expected.
+Nothing is written to disk: keys and certificates are made in memory.
 """
 
 from __future__ import annotations
@@ -26,10 +27,18 @@ from relay.testing.fake_fcm import FakeFCM, ReceivedMessage
 from relay.testing.fake_webpush import FakeSubscription, FakeWebPush, ReceivedWebPush
 from relay.testing.tls import TestPKI
 
-KINDS = (pb.INSTANT_MESSAGE, pb.INVITATION, pb.MISSED_CALL, pb.MESSAGE_WAITING)
+KINDS = (
+    pb.INSTANT_MESSAGE,
+    pb.INVITATION,
+    pb.MISSED_CALL,
+    pb.MESSAGE_WAITING,
+    pb.INCOMING_CALL,
+    pb.CLEAR,
+)
 MODES = (pb.FULL, pb.REDACTED, pb.ID_ONLY, pb.ENCRYPTED)
 TOPIC = "com.example.chat"
 APPS = {"apns": "chat-ios", "fcm": "chat-android", "webpush": "chat-web"}
+VOIP_APP = "chat-ios-voip"  # a ringing call on iOS goes to the app's PushKit token
 
 
 @dataclass
@@ -51,7 +60,7 @@ class Fakes:
     # The phones' keys, by token: what their app would generate for the ENCRYPTED mode.
     phones: dict[str, TestSubscription] = field(default_factory=dict)
 
-    def device(self, platform: str) -> pb.Device:
+    def device(self, platform: str, app_id: str = "") -> pb.Device:
         if platform == "webpush":
             sub = self.webpush.subscribe()
             self.subscriptions[sub.endpoint] = sub
@@ -63,7 +72,7 @@ class Fakes:
             token = f"demo-{secrets.token_urlsafe(100)}"
         phone = self.phones[token] = TestSubscription.generate()
         keys = pb.DeviceKeys(p256dh=phone.p256dh, auth=phone.auth)
-        return pb.Device(app_id=APPS[platform], token=token, keys=keys)
+        return pb.Device(app_id=app_id or APPS[platform], token=token, keys=keys)
 
 
 def _request(
@@ -86,7 +95,12 @@ def _request(
 
 def _plan(fakes: Fakes) -> list[Row]:
     rows = [
-        Row(pb.Kind.Name(k).lower(), p, _request(k, m, fakes.device(p)), pb.DELIVERED)
+        Row(
+            pb.Kind.Name(k).lower(),
+            p,
+            _request(k, m, fakes.device(p, _app_for(p, k))),
+            pb.DELIVERED,
+        )
         for p in APPS
         for k in KINDS
         for m in MODES
@@ -106,6 +120,10 @@ def _plan(fakes: Fakes) -> list[Row]:
         Row("wrong topic", "apns", _request(pb.INSTANT_MESSAGE, pb.FULL, wrong), pb.REJECTED)
     )
     return rows
+
+
+def _app_for(platform: str, kind: pb.Kind.ValueType) -> str:
+    return VOIP_APP if (platform, kind) == ("apns", pb.INCOMING_CALL) else APPS[platform]
 
 
 def _kill(fakes: Fakes, device: pb.Device) -> None:
@@ -129,6 +147,7 @@ async def run_demo() -> int:
         config = local_config(
             [
                 apns_app(apns, key),
+                apns_app(apns, key, app_id=VOIP_APP, voip=True),
                 apns_app(apns, key, app_id="misconfigured", topic="com.example.not-ours"),
                 fcm_app(fcm, fcm.service_account()),
                 webpush_app(webpush),
@@ -194,7 +213,9 @@ def _table(rows: list[Row]) -> None:
 def _apns_headers(push: ReceivedPush) -> str:
     h = push.headers
     collapse = " collapse" if "apns-collapse-id" in h else ""
-    return f"[{h.get('apns-push-type', '?')} p{h.get('apns-priority', '?')}{collapse}]"
+    topic = h.get("apns-topic", "")
+    voip = f" {topic}" if topic.endswith(".voip") else ""
+    return f"[{h.get('apns-push-type', '?')} p{h.get('apns-priority', '?')}{collapse}{voip}]"
 
 
 def _outcome(result: pb.DeviceResult | None) -> str:

@@ -155,7 +155,9 @@ async def test_send_works_on_a_config_with_callers(tmp_path: Path, fake_apns, ap
 async def test_demo_runs_every_kind_and_mode_and_exits_zero() -> None:
     code, out, err = await _run("demo", timeout=120)
     assert code == 0, out + err
-    assert out.count("DELIVERED") == 48  # 3 platforms × 4 kinds × 4 modes
+    assert out.count("DELIVERED") == 72  # 3 platforms × 6 kinds × 4 modes
+    assert out.count("[voip p10 com.example.chat.voip]") == 4  # INCOMING_CALL on iOS, each mode
+    assert out.count("[background p5]") >= 4  # CLEAR on iOS, each mode
     assert "TOKEN_INVALID (Unregistered)" in out and "TOKEN_INVALID (UNREGISTERED)" in out
     assert out.count("TOKEN_INVALID") == 3
     assert "REJECTED (TopicDisallowed)" in out
