@@ -51,7 +51,15 @@ from relay.testing.tls import TestPKI
 from tests.support import TOPIC
 
 HMAC_KEY = b"push-relay leak-test grouping key, 32+ bytes"
-KINDS = (pb.INSTANT_MESSAGE, pb.INVITATION, pb.MISSED_CALL, pb.MESSAGE_WAITING)
+KINDS = (
+    pb.INSTANT_MESSAGE,
+    pb.INVITATION,
+    pb.MISSED_CALL,
+    pb.MESSAGE_WAITING,
+    pb.INCOMING_CALL,  # on iOS to the VoIP app (ios_for)
+    pb.CLEAR,
+)
+VOIP_APP = "chat-ios-voip"
 MODES = (pb.FULL, pb.REDACTED, pb.ID_ONLY, pb.ENCRYPTED)
 PURPOSES = ("thread", "instant_message", "invitation", "missed_call", "message_waiting")
 RAISE_CUE = "raise-"  # FCM tokens starting with this make CueRaisingFcm raise
@@ -132,6 +140,14 @@ def ios(token: str | None = None) -> pb.Device:
     return pb.Device(app_id="chat-ios", token=token or secrets.token_hex(32), keys=device_keys())
 
 
+def ios_for(kind: int) -> pb.Device:
+    """An iPhone's device for ``kind``: a ringing call goes to the app's PushKit token."""
+    device = ios()
+    if kind == pb.INCOMING_CALL:
+        device.app_id = VOIP_APP
+    return device
+
+
 def android(token: str | None = None) -> pb.Device:
     return pb.Device(app_id="chat-android", token=token or canary("fcmtoken"), keys=device_keys())
 
@@ -201,7 +217,9 @@ async def send_mix(stub: relay_pb2_grpc.PushRelayStub, fakes: Fakes, *, raising:
 
 async def _matrix(sender: Sender, fakes: Fakes) -> None:
     sends = [
-        sender.send(ios(), android(), web(fakes.webpush.subscribe()), kind=kind, privacy=mode)
+        sender.send(
+            ios_for(kind), android(), web(fakes.webpush.subscribe()), kind=kind, privacy=mode
+        )
         for kind in KINDS
         for mode in MODES
     ]
@@ -360,7 +378,7 @@ def _check_one(
     applied = sent.applied(token)
     seen = json.dumps(headers).encode() + b"\n" + body
     where = f"{platform} {pb.Privacy.Name(applied)} {pb.Kind.Name(n.kind)}"
-    if applied != pb.FULL:
+    if applied != pb.FULL or n.kind == pb.CLEAR:  # a CLEAR names no one, whatever the mode
         assert n.sender_display_name.encode() not in seen, f"{where}: sender reached provider"
         assert n.preview.encode() not in seen, f"{where}: preview reached provider"
     cid = n.conversation_id.encode()
@@ -379,7 +397,7 @@ def _check_document(mix: Mix, token: str, plaintext: bytes, document: dict[str, 
     sent = mix.by_token[token]
     n = sent.request.notification
     applied = sent.applied(token)
-    if applied in (pb.REDACTED, pb.ID_ONLY):
+    if applied in (pb.REDACTED, pb.ID_ONLY) or n.kind == pb.CLEAR:
         assert n.sender_display_name.encode() not in plaintext
         assert n.preview.encode() not in plaintext
     if applied != pb.ENCRYPTED:
@@ -404,11 +422,16 @@ def _without_relay_id(document: dict[str, Any], platform: str) -> dict[str, Any]
 def _grouping_keys(platform: str, headers: dict[str, str], document: dict[str, Any]) -> list[str]:
     if platform == "apns":
         found = [headers.get("apns-collapse-id"), document.get("aps", {}).get("thread-id")]
+        relay = document.get("relay")
     elif platform == "fcm":
         android_part = document.get("android", {})
         found = [android_part.get("collapse_key"), android_part.get("notification", {}).get("tag")]
+        relay = json.loads(document.get("data", {}).get("relay", "{}"))
     else:
         found = [headers.get("topic")]
+        relay = None
+    if isinstance(relay, dict):
+        found.append(relay.get("thread"))  # a CLEAR's key of the notifications to withdraw
     return [key for key in found if key]
 
 
@@ -514,6 +537,7 @@ async def test_canaries_never_leak(
         config = local_config(
             [
                 apns_app(fakes.apns, apns_key),
+                apns_app(fakes.apns, apns_key, app_id=VOIP_APP, voip=True),
                 fcm_app(fakes.fcm, fakes.account),
                 webpush_app(fakes.webpush),
             ],

@@ -236,6 +236,15 @@ def write_config(directory: Path, fakes: Fakes, key: ApnsKey) -> Path:
                 "ca_file": "ca.pem",
             },
             {
+                "id": "chat-ios-voip",
+                "platform": "apns",
+                "topic": TOPIC,
+                "voip": True,
+                "auth": {"key_file": "AuthKey.p8", "key_id": key.key_id, "team_id": key.team_id},
+                "endpoint": fakes.apns.url,
+                "ca_file": "ca.pem",
+            },
+            {
                 "id": "chat-android",
                 "platform": "fcm",
                 "service_account_file": "service-account.json",
