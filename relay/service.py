@@ -339,26 +339,30 @@ def _log_request(
     started: float,
 ) -> None:
     # The canonical line: ids, counts by platform and outcome, timing — never content or tokens.
-    counts: dict[str, collections.Counter[str]] = {}
+    counts: dict[str, dict[str, int]] = {}
+    outcomes: dict[str, int] = {}
     for device, result in zip(request.devices, results, strict=True):
         runtime = snap.apps.get(device.app_id)
         platform = runtime.platform if runtime else "unknown"
-        counts.setdefault(platform, collections.Counter())[pb.Outcome.Name(result.outcome)] += 1
-    outcomes: collections.Counter[str] = collections.Counter()
-    for by_outcome in counts.values():
-        outcomes.update(by_outcome)
+        name = _OUTCOME_NAMES.get(result.outcome, "OUTCOME_UNSPECIFIED")
+        by_outcome = counts.setdefault(platform, {})
+        by_outcome[name] = by_outcome.get(name, 0) + 1
+        outcomes[name] = outcomes.get(name, 0) + 1
     log.info(
         "request",
         extra={
             "method": method,
             "request_id": request.request_id,
-            "kind": pb.Kind.Name(request.notification.kind)
-            if request.notification.kind in pb.Kind.values()
-            else "unknown",
+            "kind": _KIND_NAMES.get(request.notification.kind, "unknown"),
             "devices": len(results),
-            "outcomes": dict(outcomes),
+            "outcomes": outcomes,
             "platforms": {platform: sum(c.values()) for platform, c in counts.items()},
-            "counts": {platform: dict(c) for platform, c in counts.items()},
+            "counts": counts,
             "duration_ms": round((time.perf_counter() - started) * 1000, 2),
         },
     )
+
+
+# Looked up once: the canonical line is written for every request.
+_KIND_NAMES = {value: pb.Kind.Name(value) for value in pb.Kind.values()}
+_OUTCOME_NAMES = {value: pb.Outcome.Name(value) for value in pb.Outcome.values()}
