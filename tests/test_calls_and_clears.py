@@ -159,22 +159,22 @@ def request(kind: int, *devices: pb.Device, **fields: Any) -> pb.SendRequest:
     )
 
 
-def web_device(webpush: FakeWebPush) -> tuple[pb.Device, Any]:
+def one_of_each(ios_app: str, webpush: FakeWebPush) -> list[pb.Device]:
+    """An iPhone (of ``ios_app``), an Android phone and a browser."""
     sub = webpush.subscribe()
     keys = pb.DeviceKeys(p256dh=sub.keys.p256dh, auth=sub.keys.auth)
-    return pb.Device(app_id="chat-web", token=sub.endpoint, keys=keys), sub
+    return [
+        pb.Device(app_id=ios_app, token=apns_token()),
+        pb.Device(app_id="chat-android", token=FCM_TOKEN),
+        pb.Device(app_id="chat-web", token=sub.endpoint, keys=keys),
+    ]
 
 
 async def test_an_incoming_call_reaches_each_platform_as_it_must(
     relay: RelayServer, fakes: tuple[FakeAPNs, FakeFCM, FakeWebPush]
 ) -> None:
     apns, fcm, webpush = fakes
-    web, _ = web_device(webpush)
-    devices = [
-        pb.Device(app_id="chat-ios-voip", token=apns_token()),
-        pb.Device(app_id="chat-android", token=FCM_TOKEN),
-        web,
-    ]
+    devices = one_of_each("chat-ios-voip", webpush)
     before = int(time.time())
     async with RelayClient(f"127.0.0.1:{relay.port}") as client:
         response = await client.send(
@@ -205,12 +205,7 @@ async def test_a_clear_reaches_each_platform_silently(
     relay: RelayServer, fakes: tuple[FakeAPNs, FakeFCM, FakeWebPush]
 ) -> None:
     apns, fcm, webpush = fakes
-    web, _ = web_device(webpush)
-    devices = [
-        pb.Device(app_id="chat-ios", token=apns_token()),
-        pb.Device(app_id="chat-android", token=FCM_TOKEN),
-        web,
-    ]
+    devices = one_of_each("chat-ios", webpush)
     async with RelayClient(f"127.0.0.1:{relay.port}") as client:
         response = await client.send(request(pb.CLEAR, *devices, badge=2), timeout=10)
     assert [pb.Outcome.Name(r.outcome) for r in response.results] == ["DELIVERED"] * 3

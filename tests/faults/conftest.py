@@ -156,40 +156,41 @@ async def metric(relay: RelayServer, series: str) -> float:
     raise AssertionError(f"no series {series}")
 
 
-@pytest.fixture
-def closed_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+async def _not_tls(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    """Answer a TLS ClientHello with plain HTTP/1.1: the handshake fails."""
+    await reader.read(1)
+    writer.write(b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\n\r\n")
+    await writer.drain()
+    writer.close()
 
 
-@pytest.fixture
-async def silent_listener() -> AsyncIterator[int]:
-    """Accepts connections and never says a word."""
+# A provider address that cannot serve, and the reason a device then gets.
+DEAD_ENDS = {
+    "refused port": "ConnectFailed",
+    "listener that never speaks": "DeadlineExceeded",
+    "TLS handshake failure": "ConnectFailed",
+}
+
+
+@pytest.fixture(params=list(DEAD_ENDS))
+async def dead_end(request: pytest.FixtureRequest) -> AsyncIterator[tuple[int, str]]:
+    """(port, expected reason) of a loopback address that cannot serve HTTPS."""
+    reason = DEAD_ENDS[request.param]
+    if request.param == "refused port":
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = int(sock.getsockname()[1])
+        yield port, reason  # bound, then closed: nothing listens there
+        return
     held: list[asyncio.StreamWriter] = []
 
     async def hold(_: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        held.append(writer)
+        held.append(writer)  # accepted, never answered
 
-    server = await asyncio.start_server(hold, "127.0.0.1", 0)
-    yield server.sockets[0].getsockname()[1]
+    handler = hold if request.param == "listener that never speaks" else _not_tls
+    server = await asyncio.start_server(handler, "127.0.0.1", 0)
+    yield server.sockets[0].getsockname()[1], reason
     for writer in held:
         writer.close()
-    server.close()
-    await server.wait_closed()
-
-
-@pytest.fixture
-async def not_tls_listener() -> AsyncIterator[int]:
-    """Answers a TLS ClientHello with plain HTTP/1.1: the handshake fails."""
-
-    async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        await reader.read(1)
-        writer.write(b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\n\r\n")
-        await writer.drain()
-        writer.close()
-
-    server = await asyncio.start_server(answer, "127.0.0.1", 0)
-    yield server.sockets[0].getsockname()[1]
     server.close()
     await server.wait_closed()
