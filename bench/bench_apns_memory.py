@@ -1,7 +1,8 @@
 """Memory benchmark for the APNs adapter: RSS must stay flat across many sends on one connection.
 
 aioapns 4.0 keeps ~290 bytes per successful push on the connection (+57 MB per 200k sends);
-``adapters/apns.py`` removes per-stream state however a stream ends. This script runs the fake
+``adapters/apns.py`` (on the libcurl transport since 2026-12-04) keeps nothing per push once its
+request ends. This script runs the fake
 APNs and the adapter in one process, warms up, then prints RSS every ``--every`` sends and the
 verdict: flat when every sample stays within ±10 % of the first one after warm-up.
 
