@@ -32,3 +32,13 @@ def request(
         notification=pb.Notification(kind=kind, privacy=privacy, **fields),  # type: ignore[arg-type]
         devices=[pb.Device(app_id=app_id, token=t) for t in tokens],
     )
+
+
+class FakeClock:
+    """A monotonic clock the test moves by hand (``clock.now += 5``)."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now

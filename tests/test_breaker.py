@@ -14,18 +14,11 @@ from relay.breaker import (
     State,
     is_transient,
 )
+from tests.support import FakeClock as Clock
 
 POLICY = CircuitPolicy(
     failure_rate=0.5, window_seconds=10, min_requests=20, cooldown_seconds=5, probes=3
 )
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 @pytest.fixture

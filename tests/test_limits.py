@@ -27,19 +27,11 @@ from relay.server import MAX_MESSAGE_BYTES, RelayServer
 from relay.testing.configs import apns_app, local_config
 from relay.testing.credentials import ApnsKey
 from relay.testing.fake_apns import FakeAPNs
-from tests.support import apns_token, request
+from tests.support import FakeClock, apns_token, request
 from tests.test_auth import client, requests_counted, with_clients
 
 TOKEN = secrets.token_urlsafe(24)
 Start = Callable[..., Awaitable[RelayServer]]
-
-
-class FakeClock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 @pytest.fixture
