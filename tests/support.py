@@ -35,10 +35,14 @@ def request(
 
 
 class FakeClock:
-    """A monotonic clock the test moves by hand (``clock.now += 5``)."""
+    """A clock the test moves by hand (``clock.advance(5)``): monotonic seconds by default, or
+    epoch seconds when started at one (``FakeClock(1_900_000_000.0)``)."""
 
-    def __init__(self) -> None:
-        self.now = 1000.0
+    def __init__(self, now: float = 1000.0) -> None:
+        self.now = now
 
     def __call__(self) -> float:
         return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds

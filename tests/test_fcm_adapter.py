@@ -22,6 +22,7 @@ from relay.logs import JsonFormatter
 from relay.metrics import Metrics
 from relay.testing.fake_fcm import FakeFCM, ServiceAccount
 from relay.testing.tls import TestPKI
+from tests.support import FakeClock
 
 INVALID_TOKEN = "The registration token is not a valid FCM registration token"
 PAYLOAD: dict[str, Any] = {
@@ -33,17 +34,7 @@ PAYLOAD: dict[str, Any] = {
 MakeAdapter = Callable[..., Awaitable[FcmAdapter]]
 
 
-class Clock:
-    """A monotonic clock that tests move by hand."""
-
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        self.now += seconds
+Clock = FakeClock
 
 
 def push(token: str = "reg-token-1", payload: dict[str, Any] | None = None, **fields: Any) -> Push:

@@ -29,6 +29,7 @@ from relay.testing.device import DecryptionError, TestSubscription
 from relay.testing.fake_webpush import FakeSubscription, FakeWebPush
 from relay.testing.proxy import ConnectProxy
 from relay.testing.tls import TestPKI
+from tests.support import FakeClock
 
 SUBJECT = "mailto:ops@example.com"
 PAYLOAD = b'{"relay":{"v":1,"kind":"instant_message"},"title":"Alice","body":"Lunch?"}'
@@ -51,14 +52,8 @@ VAPID_KEY = ec.generate_private_key(ec.SECP256R1())
 VAPID_PEM = key_pem(VAPID_KEY)
 
 
-class Clock:
-    """Epoch seconds that a test moves by hand; shared by the adapter and the fake."""
-
-    def __init__(self, now: float = 1_900_000_000.0) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
+Clock = FakeClock
+EPOCH_NOW = 1_900_000_000.0  # the adapter and the fake share the clock: epoch seconds
 
 
 def settings(*allowed: str, ca_pem: bytes = b"", **overrides: object) -> WebPushSettings:
@@ -81,7 +76,7 @@ def push(sub: FakeSubscription, payload: bytes = PAYLOAD, **fields: Any) -> Push
 
 @pytest.fixture
 def clock() -> Clock:
-    return Clock()
+    return Clock(EPOCH_NOW)
 
 
 @pytest.fixture
@@ -377,7 +372,7 @@ async def test_vapid_token_is_renewed_before_it_expires(
 
 
 def test_vapid_header_carries_a_verifiable_es256_token() -> None:
-    clock = Clock()
+    clock = Clock(EPOCH_NOW)
     signer = VapidSigner(VAPID_KEY, SUBJECT, clock=clock)
     header, fresh = signer.authorization("https://push.example.com")
     assert fresh and header.startswith("vapid t=")
