@@ -1,0 +1,100 @@
+"""adapters/_transport.py on its own: trust anchors, the environment, retiring connections.
+
+The adapters' tests cover the rest of it through each provider's protocol.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from adapters._transport import Transport, TransportError, TransportSettings
+from relay.testing.fake_apns import FakeAPNs
+from relay.testing.tls import TestPKI
+
+PATH = "/3/device/" + "ab" * 32
+
+
+@pytest.fixture
+async def two_fakes() -> AsyncIterator[tuple[FakeAPNs, FakeAPNs]]:
+    """Two servers whose certificates chain to two different CAs."""
+    async with FakeAPNs(pki=TestPKI()) as system, FakeAPNs(pki=TestPKI()) as private:
+        yield system, private
+
+
+async def reaches(transport: Transport, fake: FakeAPNs) -> bool:
+    try:
+        response = await transport.request(fake.url + PATH, [], b"{}")
+    except TransportError as error:
+        assert error.reason == "ConnectFailed"
+        return False
+    return response.status > 0
+
+
+async def test_extra_trust_anchors_are_trusted_beside_the_systems(
+    two_fakes: tuple[FakeAPNs, FakeAPNs], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    system, private = two_fakes
+    bundle = tmp_path / "system-bundle.pem"
+    bundle.write_bytes(system.ca_pem)
+    monkeypatch.setenv("SSL_CERT_FILE", str(bundle))  # the "system" store, for this test
+
+    plain = Transport(TransportSettings())
+    extra = Transport(TransportSettings(ca_pem=private.ca_pem))
+    try:
+        assert await reaches(plain, system) and not await reaches(plain, private)
+        # libcurl trusts only a CA blob once one is set: the system's must be in it too.
+        assert await reaches(extra, system) and await reaches(extra, private)
+    finally:
+        await plain.aclose()
+        await extra.aclose()
+
+
+async def test_proxy_variables_in_the_environment_are_ignored(
+    two_fakes: tuple[FakeAPNs, FakeAPNs], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _, fake = two_fakes
+    for name in ("https_proxy", "HTTPS_PROXY", "all_proxy", "ALL_PROXY"):
+        monkeypatch.setenv(name, "http://127.0.0.1:9")  # nothing listens there
+    monkeypatch.delenv("no_proxy", raising=False)
+    monkeypatch.delenv("NO_PROXY", raising=False)
+    transport = Transport(TransportSettings(ca_pem=fake.ca_pem))
+    try:
+        assert await reaches(transport, fake)  # straight to the server, as configured
+    finally:
+        await transport.aclose()
+
+
+async def test_retire_moves_new_requests_to_new_connections_and_lets_old_ones_finish(
+    two_fakes: tuple[FakeAPNs, FakeAPNs],
+) -> None:
+    _, fake = two_fakes
+    transport = Transport(TransportSettings(ca_pem=fake.ca_pem))
+    try:
+        first = await transport.request(fake.url + PATH, [], b"{}")
+        fake.delay(0.3)
+        slow = asyncio.ensure_future(transport.request(fake.url + PATH, [], b"{}"))
+        await asyncio.sleep(0.1)
+        transport.retire(first)
+        transport.retire(first)  # a second answer from the same connections changes nothing
+        fake.delay(0)
+        fresh = await transport.request(fake.url + PATH, [], b"{}")
+        late = await slow  # finished on the retired connection
+        assert (first.generation, late.generation, fresh.generation) == (1, 1, 2)
+        assert late.connection == first.connection != fresh.connection
+        assert fake.connections_opened == 2
+    finally:
+        await transport.aclose()
+
+
+async def test_unusable_settings_name_the_field() -> None:
+    for settings, field in [
+        (TransportSettings(proxy="socks5://127.0.0.1:1080"), "proxy"),
+        (TransportSettings(ca_pem=b"not a certificate"), "ca_pem"),
+        (TransportSettings(cert_file="/nonexistent.pem"), "cert_file"),
+    ]:
+        with pytest.raises(ValueError, match=field):
+            Transport(settings)
