@@ -283,7 +283,9 @@ class _Engine:
                 self._settle(curl, 0)
             for curl, code, _message in failed:  # the message may name the host: dropped
                 self._settle(curl, code)
-            if not queued:
+            # A retired engine closes itself once its last transfer settles: its multi handle
+            # is gone, whatever else libcurl had queued (nothing: no transfer is left).
+            if not queued or self.closed:
                 return
 
     def _settle(self, curl: pycurl.Curl, code: int) -> None:
