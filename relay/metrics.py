@@ -26,6 +26,7 @@ from prometheus_client.process_collector import ProcessCollector
 from adapters.apns import ApnsSettings
 from adapters.base import Verdict
 from relay import __version__
+from relay.breaker import State
 from relay.config import AppConfig
 from relay.model import Kind
 
@@ -146,8 +147,8 @@ class Metrics:
             for verdict in Verdict:
                 self.app_notifications.labels(app=app, outcome=verdict.name)
             self.circuit_state.labels(app=app)
-            for state in ("open", "half_open", "closed"):
-                self.circuit_transitions.labels(app=app, state=state)
+            for state in State:
+                self.circuit_transitions.labels(app=app, state=state.name.lower())
 
     def track_inflight_requests(self, count: Callable[[], int], limit: Callable[[], int]) -> None:
         """Read the in-flight count and its cap when scraped (the cap changes on reload)."""
