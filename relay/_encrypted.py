@@ -59,10 +59,8 @@ def document(message: Message, badge: int | None, sent_at_ms: int, *, thread: st
         doc.update((name, value) for name, value in optional if value)
         if badge is not None:
             doc["badge"] = badge
-        if message.kind is Kind.CLEAR:
-            doc["badge"] = message.badge
-            if thread:
-                doc["thread"] = thread
+        if thread:
+            doc["thread"] = thread
         if message.kind is Kind.MESSAGE_WAITING:
             doc["count"] = message.waiting_count
         doc["sent_at_ms"] = sent_at_ms

@@ -331,7 +331,7 @@ def _kind_fields(message: Message, thread: str, sent_at_ms: int) -> dict[str, An
         return {"sent_at_ms": sent_at_ms}
     if message.kind is Kind.CLEAR:
         # The thread key the notifications to withdraw carry (thread-id, tag), and the badge.
-        fields: dict[str, Any] = {"badge": message.badge}
+        fields: dict[str, Any] = {"badge": _badge(message)}
         if thread:
             fields["thread"] = thread
         return fields
@@ -354,6 +354,8 @@ def _relay_object(message: Message, badge: int | None) -> dict[str, Any]:
 def _badge(message: Message) -> int | None:
     if message.kind is Kind.MESSAGE_WAITING:
         return message.waiting_count  # always set: 0 clears the badge
+    if message.kind is Kind.CLEAR:
+        return message.badge  # always set: the badge to show once the conversation is read
     return message.badge or None
 
 
