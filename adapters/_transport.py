@@ -50,6 +50,7 @@ _CONNECT_ERRORS = frozenset(
     }
 )
 _TRUNCATED = frozenset({pycurl.E_FILESIZE_EXCEEDED, pycurl.E_WRITE_ERROR})
+_UPLOAD_BUFFER_BYTES = 16 * 1024
 _MAX_IDLE_HANDLES = 128  # easy handles kept for reuse; more are closed when they finish
 _IN = frozenset({pycurl.POLL_IN, pycurl.POLL_INOUT})
 _OUT = frozenset({pycurl.POLL_OUT, pycurl.POLL_INOUT})
@@ -81,8 +82,9 @@ class TransportSettings:
         timeout_seconds: a whole request, a backstop (callers cancel at their own deadline).
         keepalive_seconds: idle time before TCP keepalive probes start.
         max_response_bytes: response bodies are cut here (provider error bodies are tiny).
-        batch_window_seconds: when requests come closer together than this, new ones wait
-            this long to be sent together (0 = never wait).
+        batch_window_seconds: when libcurl was driven less than this long ago, new requests
+            and answers wait until this long after it, to be handled together (0 = never
+            wait).
     """
 
     ca_pem: bytes = b""
@@ -94,7 +96,7 @@ class TransportSettings:
     timeout_seconds: float = 30.0
     keepalive_seconds: int = 60
     max_response_bytes: int = 16 * 1024
-    batch_window_seconds: float = 0.004
+    batch_window_seconds: float = 0.003
 
 
 class Response:
@@ -184,9 +186,11 @@ class _Engine:
         self.retired = False
         self.closed = False
         self._batch_seconds = settings.batch_window_seconds
-        self._last_kick = -math.inf
+        self._last_act = -math.inf  # loop time libcurl was last driven
         self._watched: dict[int, int] = {}  # fd -> the pycurl.POLL_* it is watched for
+        self._paused: set[int] = set()  # watched for IN, but left to the next pump
         self._timer: asyncio.TimerHandle | None = None
+        self._pump: asyncio.Handle | None = None
         self._kicked = False
 
     def start(self, transfer: _Transfer) -> None:
@@ -212,8 +216,10 @@ class _Engine:
             self.active.pop(transfer.curl)
             self.multi.remove_handle(transfer.curl)
             self._release(transfer)
-        if self._timer is not None:
-            self._timer.cancel()
+        for handle in (self._timer, self._pump):
+            if handle is not None:
+                handle.cancel()
+        self._paused.clear()
         for fd in list(self._watched):
             self._unwatch(fd)
         self.multi.close()
@@ -229,7 +235,9 @@ class _Engine:
         wants_in, wants_out = what in _IN, what in _OUT
         if (was in _IN) != wants_in:
             if wants_in:
-                self.loop.add_reader(fd, self._act, fd, pycurl.CSELECT_IN)
+                self.loop.add_reader(fd, self._readable, fd)
+            elif fd in self._paused:
+                self._paused.discard(fd)  # its reader is off already
             else:
                 self.loop.remove_reader(fd)
         if (was in _OUT) != wants_out:
@@ -254,20 +262,47 @@ class _Engine:
     # -- driving libcurl from the loop ---------------------------------------------------------
 
     def _kick(self) -> None:
-        if self._kicked:
+        if not self._kicked:
+            self._kicked = True
+            self._schedule_pump()
+
+    def _readable(self, fd: int) -> None:
+        if self.loop.time() - self._last_act >= self._batch_seconds:
+            self._act(fd, pycurl.CSELECT_IN)
             return
-        self._kicked = True
-        now = self.loop.time()
-        busy = now - self._last_kick < self._batch_seconds
-        self._last_kick = now
-        if busy:
-            # Requests are coming faster than one per window: let them gather for a moment and
-            # go out together. One TLS write and one pass over the connection's streams then
-            # carry many pushes instead of one each (bench/RESULTS.md: about a third more
-            # pushes per core). A lone push after a quiet spell starts at once.
-            self.loop.call_later(self._batch_seconds, self._on_timeout)
+        # Answers come faster than one per window: leave them to gather in the socket until
+        # the pump reads them all at once (its reader is off meanwhile, or the loop would call
+        # back at once again).
+        self.loop.remove_reader(fd)
+        self._paused.add(fd)
+        self._schedule_pump()
+
+    def _schedule_pump(self) -> None:
+        """Drive libcurl now if it has been quiet for a window, else once the window is over.
+
+        Every call into libcurl costs in proportion to all the transfers it carries, whatever
+        the number of pushes it moves (bench/RESULTS.md): under load, one call per window for
+        new requests and answers together carries many pushes instead of one or two each. A
+        lone push after a quiet spell goes at once.
+        """
+        if self._pump is not None:
+            return
+        wake = self._last_act + self._batch_seconds
+        if wake <= self.loop.time():
+            self._pump = self.loop.call_soon(self._run_pump)
         else:
-            self.loop.call_soon(self._on_timeout)
+            self._pump = self.loop.call_at(wake, self._run_pump)
+
+    def _run_pump(self) -> None:
+        self._pump = None
+        paused, self._paused = self._paused, set()
+        waiting = [fd for fd in paused if self._watched.get(fd, 0) in _IN]
+        for fd in waiting:
+            self.loop.add_reader(fd, self._readable, fd)
+        for fd in waiting:
+            self._act(fd, pycurl.CSELECT_IN)
+        if self._kicked:
+            self._on_timeout()
 
     def _on_timeout(self) -> None:
         self._kicked = False
@@ -276,6 +311,7 @@ class _Engine:
     def _act(self, fd: int, events: int) -> None:
         if self.closed:
             return
+        self._last_act = self.loop.time()
         self.multi.socket_action(fd, events)
         while True:
             queued, done, failed = self.multi.info_read()
@@ -420,6 +456,9 @@ class Transport:
         curl.setopt(pycurl.TCP_KEEPIDLE, s.keepalive_seconds)
         curl.setopt(pycurl.TCP_KEEPINTVL, max(1, s.keepalive_seconds // 4))
         curl.setopt(pycurl.MAXFILESIZE, s.max_response_bytes)
+        # libcurl's smallest upload buffer (16 KiB, its default is 64 KiB) holds any push body
+        # (at most ~5 KB): each push in flight has one, so this saves ~45 KiB a push.
+        curl.setopt(pycurl.UPLOAD_BUFFERSIZE, _UPLOAD_BUFFER_BYTES)
         curl.setopt(pycurl.PROXY, s.proxy)  # "" also stops libcurl reading *_proxy variables
         if s.proxy:
             curl.setopt(pycurl.HTTPPROXYTUNNEL, 1)

@@ -8,10 +8,12 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from adapters._transport import Transport, TransportError, TransportSettings
+from relay.testing.credentials import ApnsKey
 from relay.testing.fake_apns import FakeAPNs
 from relay.testing.tls import TestPKI
 
@@ -98,3 +100,54 @@ async def test_unusable_settings_name_the_field() -> None:
     ]:
         with pytest.raises(ValueError, match=field):
             Transport(settings)
+
+
+class CountingMulti:
+    """A libcurl multi handle that counts the calls that drive it."""
+
+    def __init__(self, multi: Any) -> None:
+        self._multi = multi
+        self.calls = 0
+
+    def socket_action(self, fd: int, events: int) -> Any:
+        self.calls += 1
+        return self._multi.socket_action(fd, events)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._multi, name)
+
+
+@pytest.mark.parametrize("window", [0.0, 0.05])
+async def test_requests_and_answers_close_together_are_driven_together(window: float) -> None:
+    """Every call into libcurl costs in proportion to all the transfers it carries: under load
+    one call carries many requests and answers, and none of them is lost while it waits."""
+    key = ApnsKey.generate()
+    headers = [
+        b"authorization: bearer " + key.provider_token().encode(),
+        b"apns-topic: com.example.chat",
+        b"apns-push-type: alert",
+    ]
+    async with FakeAPNs(keys=[key], record=False) as fake:
+        settings = TransportSettings(
+            ca_pem=fake.ca_pem, max_connections=1, batch_window_seconds=window
+        )
+        transport = Transport(settings)
+        try:
+            first = await transport.request(fake.url + PATH, headers, b"{}")  # authenticated
+            assert first.status == 200
+            multi = CountingMulti(transport._engine.multi)
+            transport._engine.multi = multi
+
+            async def one(after: float) -> int:
+                await asyncio.sleep(after)
+                return (await transport.request(fake.url + PATH, headers, b"{}")).status
+
+            # Requests trickling in a millisecond apart, as they do from gRPC callers.
+            statuses = await asyncio.gather(*(one(i / 1000) for i in range(200)))
+            assert statuses == [200] * 200
+            if window:
+                assert multi.calls <= 200 / 4
+            else:  # requests and answers each drive libcurl, a few at a time at most
+                assert multi.calls > 200 / 2
+        finally:
+            await transport.aclose()
