@@ -1,4 +1,4 @@
-"""The server interceptor around ``pushrelay.v1.PushRelay``: authenticate, limit, count.
+"""The wrapper around ``pushrelay.v1.PushRelay``'s handlers: authenticate, limit, count.
 
 For each call to ``Send`` or ``SendStream`` (health and reflection pass untouched):
 
@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+import types
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, NoReturn, cast
 
@@ -29,7 +30,7 @@ import grpc
 from google.protobuf import any_pb2, descriptor_pb2, descriptor_pool, duration_pb2
 from google.protobuf.message_factory import GetMessageClass
 
-from pushrelay.v1 import relay_pb2
+from pushrelay.v1 import relay_pb2_grpc
 from relay.auth import CALLER, Caller
 from relay.errors import RelayError, status_for
 from relay.limits import RateLimited
@@ -38,41 +39,28 @@ from relay.service import Snapshot
 
 log = logging.getLogger("relay.interceptors")
 
-SERVICE = relay_pb2.DESCRIPTOR.services_by_name["PushRelay"].full_name
 Context = grpc.aio.ServicerContext[Any, Any]
 Metadata = tuple[tuple[str, str | bytes], ...]
 
 
-class RelayInterceptor(grpc.aio.ServerInterceptor):
-    """Wraps PushRelay's handlers; ``current()`` gives the snapshot (clients, limits, metrics)."""
+class RelayInterceptor:
+    """Wraps PushRelay's handlers; ``current()`` gives the snapshot (clients, limits, metrics).
+
+    The wrapping is done once, when the servicer is registered (:meth:`guard`), rather than by
+    a ``grpc.aio.ServerInterceptor``: gRPC runs an interceptor's coroutines for every call of
+    every service, and the wrapped handler would be rebuilt each time (bench/RESULTS.md).
+    """
 
     def __init__(self, current: Callable[[], Snapshot]) -> None:
         self._current = current
 
-    async def intercept_service(
-        self,
-        continuation: Callable[
-            [grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler[Any, Any] | None]
-        ],
-        handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler[Any, Any] | None:
-        handler = await continuation(handler_call_details)
-        service, _, method = handler_call_details.method.lstrip("/").rpartition("/")
-        if handler is None or service != SERVICE:
-            return handler
-        if handler.unary_unary is not None:
-            return grpc.unary_unary_rpc_method_handler(
-                self._unary(method, cast(Any, handler.unary_unary)),
-                handler.request_deserializer,
-                handler.response_serializer,
-            )
-        if handler.stream_stream is not None:
-            return grpc.stream_stream_rpc_method_handler(
-                self._stream(method, cast(Any, handler.stream_stream)),
-                handler.request_deserializer,
-                handler.response_serializer,
-            )
-        return handler
+    def guard(self, servicer: relay_pb2_grpc.PushRelayServicer) -> relay_pb2_grpc.PushRelayServicer:
+        """``servicer`` with both methods wrapped, for ``add_PushRelayServicer_to_server``."""
+        guarded = types.SimpleNamespace(
+            Send=self._unary("Send", cast(Any, servicer.Send)),
+            SendStream=self._stream("SendStream", cast(Any, servicer.SendStream)),
+        )
+        return cast(relay_pb2_grpc.PushRelayServicer, guarded)
 
     def _unary(
         self, method: str, behavior: Callable[[Any, Context], Awaitable[Any]]

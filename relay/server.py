@@ -128,11 +128,10 @@ class RelayServer:
         _warn_without_hmac_key(self.config)
         runtimes = await start_apps(self.config, self.metrics, self._guards)
         self._snapshot = self._new_snapshot(self.config, runtimes)
-        server = grpc.aio.server(
-            interceptors=[RelayInterceptor(self.current)], options=self._options()
-        )
+        server = grpc.aio.server(options=self._options())
         service = RelayService(self.current, lambda: self.draining)
-        relay_pb2_grpc.add_PushRelayServicer_to_server(service, server)
+        guarded = RelayInterceptor(self.current).guard(service)
+        relay_pb2_grpc.add_PushRelayServicer_to_server(guarded, server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         reflection.enable_server_reflection(
             (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server
