@@ -32,7 +32,7 @@ import logging
 import re
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlsplit
@@ -127,8 +127,9 @@ class ApnsResponse:
 
     @classmethod
     def of(cls, response: Response, apns_id: str) -> ApnsResponse:
-        reason, timestamp_ms = "", 0
+        reason, timestamp_ms, retry_after = "", 0, None
         if response.status != 200:
+            retry_after = _retry_after(response.header("retry-after"))
             document = json_object(response.body)
             word = document.get("reason")
             reason = word if isinstance(word, str) else ""
@@ -140,7 +141,7 @@ class ApnsResponse:
             reason,
             response.header("apns-id") or apns_id,
             timestamp_ms,
-            _retry_after(response.header("retry-after")),
+            retry_after,
         )
 
 
@@ -206,7 +207,7 @@ class ApnsAdapter(Adapter[ApnsSettings]):
             # iOS app terminated, and an alert to a PushKit token goes nowhere.
             return Outcome(Verdict.REJECTED, "VoipOnlyApp" if self._settings.voip else "NotVoipApp")
         apns_id = _apns_id(push.push_id)
-        body = push.payload if isinstance(push.payload, bytes) else encode_json(push.payload)
+        body = push.encoded or _encoded(push.payload)
         response = await self._send_once(push, apns_id, body)
         if response.status == 403 and response.reason in _RETRY_ONCE:
             fresh = response.reason == "UnrelatedKeyIdInToken"
@@ -303,6 +304,10 @@ def _apns_id(push_id: str) -> str:
     """The push's own id when it is a UUID (APNs wants it canonical: lower case), else a new one."""
     candidate = push_id.lower()
     return candidate if _CANONICAL_UUID.fullmatch(candidate) else str(uuid.uuid4())
+
+
+def _encoded(payload: Mapping[str, Any] | bytes) -> bytes:
+    return payload if isinstance(payload, bytes) else encode_json(payload)
 
 
 def _expiration(ttl_seconds: int) -> bytes:

@@ -87,6 +87,9 @@ class Push:
         voip: a ringing call (``INCOMING_CALL``): on APNs a PushKit push (``apns-push-type:
             voip``, topic ``<bundle>.voip``, priority 10) to an app configured for VoIP;
             elsewhere a high-priority data message.
+        encoded: ``payload`` as :func:`encode_json` encodes it, when whoever built the push
+            (render, which measures the encoding to fit the payload) has it already: an adapter
+            that sends the payload as it is sends these bytes. Empty = encode ``payload``.
     """
 
     token: str
@@ -99,6 +102,7 @@ class Push:
     push_id: str = ""
     pad_to: int = 0
     voip: bool = False
+    encoded: bytes = b""
 
 
 def encode_json(payload: Mapping[str, Any]) -> bytes:

@@ -84,6 +84,7 @@ class AppRuntime:
         self.adapter = adapter
         self._metrics = metrics
         self._slots = asyncio.Semaphore(app.max_concurrency)
+        self._duration = metrics.provider_duration.labels(platform=app.platform)
         guards = guards or GuardRegistry(metrics).for_app(app)
         self.breaker, self.budget = guards.breaker, guards.budget
 
@@ -137,7 +138,7 @@ class AppRuntime:
         finally:
             self.breaker.record(permit, failed)
             elapsed = time.perf_counter() - started
-            self._metrics.provider_duration.labels(platform=self.platform).observe(elapsed)
+            self._duration.observe(elapsed)
 
     def _log_push(self, push: Push, outcome: Outcome, attempts: int, started: float) -> None:
         # One line per device, at DEBUG: the token only as its keyed fingerprint, the provider's

@@ -26,6 +26,8 @@ _STANDARD = set(vars(logging.makeLogRecord({}))) | {"message", "asctime"}
 # header blocks with authorization: they stay at WARNING whatever the relay's own level.
 QUIET_LOGGERS = ("hpack", "h2", "httpcore", "httpx", "aioapns", "grpc", "asyncio")
 _PLAIN = (str, int, float, bool, type(None), list, dict)
+# Built once: json.dumps with options builds a new encoder for every line.
+_encode = json.JSONEncoder(ensure_ascii=False, default=str).encode
 
 
 class JsonFormatter(logging.Formatter):
@@ -43,7 +45,7 @@ class JsonFormatter(logging.Formatter):
                 line[key] = value
         if record.exc_info and record.exc_info[1] is not None:
             line.update(error_fields(record.exc_info[1]))
-        return json.dumps(line, ensure_ascii=False, default=str)
+        return _encode(line)
 
 
 def error_fields(exc: BaseException, *, limit: int | None = None) -> dict[str, Any]:
@@ -72,6 +74,10 @@ def setup_logging(level: str = "info", *, stream: TextIO | None = None) -> None:
     for name in QUIET_LOGGERS:
         logging.getLogger(name).setLevel(logging.WARNING)
     logging.Formatter.converter = time.gmtime
+    # No line shows where it was logged from, nor the thread or process: the logging HOWTO's
+    # "Optimization" switches skip collecting them for every record (a stack walk each).
+    logging._srcfile = None
+    logging.logThreads = logging.logProcesses = logging.logMultiprocessing = False
 
 
 class Fingerprints:

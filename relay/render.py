@@ -120,20 +120,23 @@ class GroupingKeys:
     every replica; a different purpose gives an unrelated key for the same conversation.
     """
 
-    __slots__ = ("_secret",)
+    __slots__ = ("_mac", "_secret")
 
     def __init__(self, secret: bytes) -> None:
         """Use ``secret`` (at least 16 bytes, e.g. 32 random bytes) as the HMAC key."""
         if len(secret) < _MIN_SECRET_BYTES:
             raise ValueError(f"grouping secret: at least {_MIN_SECRET_BYTES} bytes")
         self._secret = secret
+        self._mac = hmac.new(secret, digestmod=hashlib.sha256)  # copied per key: keyed once
 
     def for_conversation(self, conversation_id: str, *, purpose: str = "thread") -> str:
         """The grouping key of ``conversation_id`` for ``purpose`` (thread, a kind's collapse)."""
         if "\x00" in purpose:  # NUL separates purpose from id; one inside would be ambiguous
             raise ValueError("purpose: must not contain NUL")
         data = purpose.encode() + b"\x00" + conversation_id.encode()
-        digest = hmac.new(self._secret, data, hashlib.sha256).digest()
+        mac = self._mac.copy()
+        mac.update(data)
+        digest = mac.digest()
         return base64.urlsafe_b64encode(digest[: GROUPING_KEY_CHARS * 3 // 4]).decode()
 
     def __repr__(self) -> str:
@@ -222,14 +225,17 @@ def render(
         raise ValueError(f"platform: unknown platform {platform!r}")
     sent_at = time.time_ns() // 1_000_000 if sent_at_ms is None else sent_at_ms
     env = _envelope(message, privacy, grouping, sent_at)
-    pad_to = 0
+    pad_to, encoded = 0, b""
     if privacy is Privacy.ENCRYPTED:
         payload, background, pad_to = _sealed(message, platform, keys, env, sent_at)
     else:
-        payload, background = _fitted(message, privacy, platform, env)
+        (payload, background), encoded = _fitted(message, privacy, platform, env)
+        if platform == "webpush":
+            payload, encoded = encoded, b""  # Web Push carries bytes: the adapter encrypts them
     return Push(
         token=token,
         payload=_wire(platform, payload),
+        encoded=encoded if platform == "apns" else b"",
         background=background,
         high_priority=env.high_priority,
         ttl_seconds=env.ttl_seconds,
@@ -241,21 +247,28 @@ def render(
     )
 
 
-def _fitted(message: Message, privacy: Privacy, platform: str, env: Envelope) -> _payloads.Built:
+def _fitted(
+    message: Message, privacy: Privacy, platform: str, env: Envelope
+) -> tuple[_payloads.Built, bytes]:
+    """The payload with sender and preview cut to fit, and its encoding (done once)."""
     build, limit = _payloads.BUILDERS[platform], LIMIT_BYTES[platform]
-
-    def built(sender: str, preview: str) -> _payloads.Built:
-        return build(_with_caller(env, message, sender), _alert(message, privacy, sender, preview))
+    last: list[Any] = [None, None, b""]  # the texts last sized, what they built, its encoding
 
     def size_of(sender: str, preview: str) -> int:
-        return len(encode_json(built(sender, preview)[0]))
+        last[0] = (sender, preview)
+        alert = _alert(message, privacy, sender, preview)
+        last[1] = build(_with_caller(env, message, sender), alert)
+        last[2] = encode_json(last[1][0])
+        return len(last[2])
 
     # Only FULL shows sender and preview; other modes never see them, so they cannot leak.
     texts = (message.sender, message.preview) if privacy is Privacy.FULL else ("", "")
     fitted = fit_pair(size_of, *texts, limit)
     if fitted is None:
         raise ValueError(f"payload: over the {platform} limit of {limit} bytes")
-    return built(*fitted)
+    if last[0] != fitted:  # the search ended on a candidate that did not fit
+        size_of(*fitted)
+    return last[1], last[2]
 
 
 def _with_caller(env: Envelope, message: Message, sender: str) -> Envelope:

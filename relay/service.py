@@ -9,13 +9,12 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import contextlib
 import functools
 import logging
 import math
+import os
 import time
-import uuid
-from collections.abc import AsyncIterator, Callable, Iterator, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass, field
 
 import grpc
@@ -43,23 +42,27 @@ MAX_STREAM_INFLIGHT = 4096  # requests in flight on one SendStream before we sto
 
 
 class Usage:
-    """Counts the requests running on a snapshot, so a reload can retire it once idle."""
+    """Counts the requests running on a snapshot, so a reload can retire it once idle.
+
+    ``with usage.hold():`` around a request (a plain context manager: it runs per request).
+    """
 
     def __init__(self) -> None:
         self.count = 0
         self._idle = asyncio.Event()
         self._idle.set()
 
-    @contextlib.contextmanager
-    def hold(self) -> Iterator[None]:
+    def hold(self) -> Usage:
+        return self
+
+    def __enter__(self) -> None:
         self.count += 1
         self._idle.clear()
-        try:
-            yield
-        finally:
-            self.count -= 1
-            if self.count == 0:
-                self._idle.set()
+
+    def __exit__(self, *_: object) -> None:
+        self.count -= 1
+        if self.count == 0:
+            self._idle.set()
 
     async def wait_idle(self) -> None:
         await self._idle.wait()
@@ -226,13 +229,17 @@ async def _settle_one(snap: Snapshot, job: _Job, deadline: float) -> Outcome:
     """One device's outcome, awaited in the request's own task, cut off at the deadline."""
     if job.immediate is not None or job.push is None:
         return job.immediate or RENDER_FAILED
+    inflight = snap.metrics.inflight
+    inflight.inc()
     try:
         async with asyncio.timeout_at(deadline):
-            return await _tracked(snap.metrics, job.runtime.deliver(job.push, deadline))
+            return await job.runtime.deliver(job.push, deadline)
     except TimeoutError:
         return DEADLINE_EXCEEDED
     except Exception:  # as _finished: a bug costs this device, never the request
         return Outcome.unavailable("InternalError")
+    finally:
+        inflight.dec()
 
 
 async def _tracked(metrics: Metrics, work: collections.abc.Awaitable[Outcome]) -> Outcome:
@@ -274,12 +281,22 @@ def _job(snap: Snapshot, device: pb.Device, message: Message, requested: Privacy
             token=device.token,
             keys=keys,
             grouping=snap.grouping,
-            push_id=str(uuid.uuid4()),
+            push_id=_push_id(),
         )
     except Exception as exc:  # a rendering bug costs this device, never the request
         log.error("render failed", extra={"app": runtime.app.id, "error": type(exc).__name__})
         return _Job(runtime, None, privacy, RENDER_FAILED)
     return _Job(runtime, push, privacy)
+
+
+def _push_id() -> str:
+    """A fresh random (version 4) UUID, as ``str(uuid.uuid4())`` spells it, at a third of the
+    cost: one per device."""
+    raw = bytearray(os.urandom(16))
+    raw[6] = raw[6] & 0x0F | 0x40
+    raw[8] = raw[8] & 0x3F | 0x80
+    x = raw.hex()
+    return f"{x[:8]}-{x[8:12]}-{x[12:16]}-{x[16:20]}-{x[20:]}"
 
 
 def _finished(task: asyncio.Task[Outcome]) -> Outcome:
@@ -305,7 +322,7 @@ def _deadline(context: Context, limits: Limits) -> float:
 
 def _result(outcome: Outcome, privacy: Privacy) -> pb.DeviceResult:
     return pb.DeviceResult(
-        outcome=pb.Outcome.Value(outcome.verdict.name),
+        outcome=_OUTCOME_VALUES[outcome.verdict],
         reason=outcome.reason,
         provider_message_id=outcome.provider_message_id,
         retry_after_seconds=outcome.retry_after_seconds,
@@ -339,8 +356,11 @@ def _log_request(
     started: float,
 ) -> None:
     # The canonical line: ids, counts by platform and outcome, timing — never content or tokens.
+    if not log.isEnabledFor(logging.INFO):
+        return
     counts: dict[str, dict[str, int]] = {}
     outcomes: dict[str, int] = {}
+    platforms: dict[str, int] = {}
     for device, result in zip(request.devices, results, strict=True):
         runtime = snap.apps.get(device.app_id)
         platform = runtime.platform if runtime else "unknown"
@@ -348,6 +368,7 @@ def _log_request(
         by_outcome = counts.setdefault(platform, {})
         by_outcome[name] = by_outcome.get(name, 0) + 1
         outcomes[name] = outcomes.get(name, 0) + 1
+        platforms[platform] = platforms.get(platform, 0) + 1
     log.info(
         "request",
         extra={
@@ -356,7 +377,7 @@ def _log_request(
             "kind": _KIND_NAMES.get(request.notification.kind, "unknown"),
             "devices": len(results),
             "outcomes": outcomes,
-            "platforms": {platform: sum(c.values()) for platform, c in counts.items()},
+            "platforms": platforms,
             "counts": counts,
             "duration_ms": round((time.perf_counter() - started) * 1000, 2),
         },
@@ -366,3 +387,4 @@ def _log_request(
 # Looked up once: the canonical line is written for every request.
 _KIND_NAMES = {value: pb.Kind.Name(value) for value in pb.Kind.values()}
 _OUTCOME_NAMES = {value: pb.Outcome.Name(value) for value in pb.Outcome.values()}
+_OUTCOME_VALUES = {verdict: pb.Outcome.Value(verdict.name) for verdict in Verdict}
