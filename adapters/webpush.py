@@ -20,6 +20,7 @@ Responses: 2xx → DELIVERED; 404/410 → TOKEN_INVALID; 429 → RATE_LIMITED; 5
 from __future__ import annotations
 
 import email.utils
+import functools
 import logging
 import re
 import time
@@ -95,8 +96,10 @@ def check_endpoint(settings: WebPushSettings, endpoint: str) -> str | None:
         A problem naming the field and the rule (never echoing the URL), or None.
     """
     url = _parse_endpoint(endpoint)
-    if isinstance(url, str):
-        return url
+    return url if isinstance(url, str) else _check_host(settings, url)
+
+
+def _check_host(settings: WebPushSettings, url: httpx.URL) -> str | None:
     host = url.raw_host.decode("ascii").lower()
     if not any(_glob_matches(glob, host) for glob in settings.allowed_endpoints):
         return "token: endpoint host not in allowed_endpoints"
@@ -127,11 +130,17 @@ def _parse_endpoint(endpoint: str) -> httpx.URL | str:
 
 
 def _glob_matches(glob: str, host: str) -> bool:
-    pattern = "".join(
-        "[a-z0-9.-]*" if c == "*" else "[a-z0-9-]" if c == "?" else re.escape(c)
-        for c in glob.lower()
+    return _glob_pattern(glob).fullmatch(host) is not None
+
+
+@functools.lru_cache(maxsize=256)  # the configured globs: a handful per app
+def _glob_pattern(glob: str) -> re.Pattern[str]:
+    return re.compile(
+        "".join(
+            "[a-z0-9.-]*" if c == "*" else "[a-z0-9-]" if c == "?" else re.escape(c)
+            for c in glob.lower()
+        )
     )
-    return re.fullmatch(pattern, host) is not None
 
 
 def _origin(url: httpx.URL) -> str:
@@ -227,7 +236,8 @@ class WebPushAdapter(Adapter[WebPushSettings]):
         """POST one push to its endpoint and classify the answer (see the module docstring)."""
         if self._closed:
             return Outcome.unavailable("AdapterClosed", retryable=False)
-        if check_endpoint(self._settings, push.token) is not None:
+        url = _parse_endpoint(push.token)  # parsed once, here: it is also where we POST
+        if isinstance(url, str) or _check_host(self._settings, url) is not None:
             return Outcome(Verdict.REJECTED, "EndpointNotAllowed")  # the relay checked: a bug
         if push.keys is None:
             return Outcome(Verdict.REJECTED, "MissingKeys")
@@ -238,7 +248,6 @@ class WebPushAdapter(Adapter[WebPushSettings]):
             body = self._encrypt(plaintext, push.keys, pad_to=push.pad_to)
         except ValueError:
             return Outcome(Verdict.REJECTED, "InvalidKeys")
-        url = httpx.URL(push.token)
         return await self._deliver(url, body, _headers(push))
 
     async def _deliver(self, url: httpx.URL, body: bytes, headers: list[bytes]) -> Outcome:
