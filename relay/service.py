@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import dataclasses
 import functools
 import logging
 import math
@@ -195,7 +196,8 @@ class RelayService(relay_pb2_grpc.PushRelayServicer):
         self, snap: Snapshot, request: pb.SendRequest, message: Message, deadline: float
     ) -> list[pb.DeviceResult]:
         requested = requested_privacy(request.notification)
-        jobs = [_job(snap, device, message, requested) for device in request.devices]
+        rendered: dict[tuple[str, Privacy], Push] = {}
+        jobs = [_job(snap, device, message, requested, rendered) for device in request.devices]
         if len(jobs) == 1:  # most requests: no task of its own, no wait set
             outcomes = [await _settle_one(snap, jobs[0], deadline)]
         else:
@@ -268,21 +270,37 @@ def _admitted(snap: Snapshot, request: pb.SendRequest) -> Message:
     return message
 
 
-def _job(snap: Snapshot, device: pb.Device, message: Message, requested: Privacy | None) -> _Job:
+def _job(
+    snap: Snapshot,
+    device: pb.Device,
+    message: Message,
+    requested: Privacy | None,
+    rendered: dict[tuple[str, Privacy], Push],
+) -> _Job:
     runtime = snap.apps[device.app_id]
     keys = device_keys(device)
     policy = runtime.app.privacy
     privacy = effective_privacy(requested, policy.default, policy.max, has_keys=keys is not None)
+    platform = runtime.platform
     try:
-        push = render(
-            message,
-            runtime.platform,
-            privacy,
-            token=device.token,
-            keys=keys,
-            grouping=snap.grouping,
-            push_id=_push_id(),
-        )
+        # A request's devices on one platform in one mode get the same payload: it is rendered
+        # once and only the device's own fields change. ENCRYPTED is sealed to each device's
+        # keys, so it is rendered per device.
+        template = rendered.get((platform, privacy))
+        if template is not None:
+            push = dataclasses.replace(template, token=device.token, keys=keys, push_id=_push_id())
+        else:
+            push = render(
+                message,
+                platform,
+                privacy,
+                token=device.token,
+                keys=keys,
+                grouping=snap.grouping,
+                push_id=_push_id(),
+            )
+            if privacy is not Privacy.ENCRYPTED:
+                rendered[platform, privacy] = push
     except Exception as exc:  # a rendering bug costs this device, never the request
         log.error("render failed", extra={"app": runtime.app.id, "error": type(exc).__name__})
         return _Job(runtime, None, privacy, RENDER_FAILED)

@@ -13,9 +13,12 @@ import pytest
 
 from pushrelay.v1 import relay_pb2 as pb
 from pushrelay.v1 import relay_pb2_grpc
+from relay import service as relay_service
 from relay.config import Limits
 from relay.model import Privacy
+from relay.render import render
 from relay.testing.configs import apns_app, local_config
+from relay.testing.device import TestSubscription
 from tests.support import TOPIC, apns_token, request
 
 KINDS = [pb.INSTANT_MESSAGE, pb.INVITATION, pb.MISSED_CALL, pb.MESSAGE_WAITING]
@@ -112,6 +115,40 @@ async def test_results_follow_request_order_with_every_outcome(stub, fake_apns) 
     ]
     assert response.results[1].token_invalid_since_ms == 1_700_000_000_000
     assert response.results[3].retry_after_seconds > 0
+
+
+@pytest.mark.parametrize("privacy", [pb.FULL, pb.ID_ONLY])
+async def test_a_requests_devices_share_one_rendering(stub, fake_apns, monkeypatch, privacy):
+    """Rendered once per platform and mode; each device still gets its own token and id."""
+    calls = []
+    monkeypatch.setattr(relay_service, "render", lambda *a, **k: calls.append(1) or render(*a, **k))
+    tokens = [apns_token() for _ in range(3)]
+    response = await stub.Send(request(*tokens, privacy=privacy), timeout=10)
+    assert [r.outcome for r in response.results] == [pb.DELIVERED] * 3
+    assert len(calls) == 1
+    received = sorted(fake_apns.received, key=lambda got: tokens.index(got.token))
+    assert [got.token for got in received] == tokens
+    assert len({got.headers["apns-id"] for got in received}) == 3
+    assert len({got.body for got in received}) == 1
+
+
+async def test_encrypted_is_rendered_for_each_device(start_relay, fake_apns, apns_key, monkeypatch):
+    calls = []
+    monkeypatch.setattr(relay_service, "render", lambda *a, **k: calls.append(1) or render(*a, **k))
+    app = apns_app(fake_apns, apns_key, default=Privacy.ENCRYPTED, maximum=Privacy.ENCRYPTED)
+    relay = await start_relay(local_config([app]))
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{relay.port}") as channel:
+        stub = relay_pb2_grpc.PushRelayStub(channel)
+        device = TestSubscription.generate()
+        keys = pb.DeviceKeys(p256dh=device.p256dh, auth=device.auth)
+        devices = [pb.Device(app_id="chat-ios", token=apns_token(), keys=keys) for _ in range(2)]
+        sent = request()
+        sent.devices.extend(devices)
+        response = await stub.Send(sent, timeout=10)
+    assert [r.privacy for r in response.results] == [pb.ENCRYPTED] * 2
+    assert len(calls) == 2
+    first, second = fake_apns.received
+    assert first.payload["relay"]["enc"] != second.payload["relay"]["enc"]
 
 
 async def test_transient_provider_failure_is_retried(stub, fake_apns, relay) -> None:
