@@ -43,6 +43,7 @@ TOPIC = "com.example.chat"
 BARE_AIOAPNS = "APNs bare aioapns 4.0, 100 in flight"
 BARE_TRANSPORT = "APNs bare transport, 100 in flight"
 BARE_HTTPX = "FCM bare httpx, 100 in flight"
+AGAIN = ", again"
 RELAY_STREAM = "APNs relay SendStream, 100 in flight"
 RELAY_UNARY = "APNs relay Send, 64 concurrent"
 RELAY_FCM = "FCM relay SendStream, 100 in flight"
@@ -336,7 +337,7 @@ def _print_row(name: str, row: dict[str, float]) -> None:
         cost = f"client {row['client_us']:5.0f} µs/push ({row['client_pct']:3.0f}% core)"
         side = ""
     print(
-        f"{name:34s} {row['rate']:8.0f}/s  {cost}  p50 {row['p50_ms']:6.1f} "
+        f"{name:44s} {row['rate']:8.0f}/s  {cost}  p50 {row['p50_ms']:6.1f} "
         f"p99 {row['p99_ms']:6.1f} ms  sink {row['sink_pct']:3.0f}%  {side}"
         + (f"  errors {row['errors']:.0f}" if row["errors"] else ""),
         flush=True,
@@ -428,8 +429,12 @@ def _start_relay(config: Path, http_port: int) -> tuple[subprocess.Popen[bytes],
 
 
 def _ratio(rows: dict[str, dict[str, float]], a: str, b: str, target: str) -> None:
-    if a in rows and b in rows and rows[b]["rate"]:
-        print(f"  {a} / {b}: {rows[a]['rate'] / rows[b]['rate']:.2f}  (target {target})")
+    """``a``'s rate over ``b``'s, ``b`` averaged over its runs before and after the relay's."""
+    runs = [rows[name]["rate"] for name in (b, b + AGAIN) if name in rows]
+    if a in rows and runs and all(runs):
+        base = sum(runs) / len(runs)
+        spread = "" if len(runs) == 1 else f" (runs {' and '.join(f'{r:.0f}' for r in runs)}/s)"
+        print(f"  {a} / {b}{spread}: {rows[a]['rate'] / base:.2f}  (target {target})")
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -469,6 +474,10 @@ def _phases(args: argparse.Namespace, sink: Sink, work: Path) -> int:
         run.phase(RELAY_UNARY, "unary", 64, app="chat-ios", relay=pid)
         run.phase(RELAY_FCM, "stream", 100, app="chat-android", relay=pid)
         run.phase(RELAY_WEBPUSH, "stream", 100, app="chat-web", relay=pid)
+        # The bare libraries again, the relay idle: this machine's speed drifts by 10-20 % over
+        # minutes, so the ratios take the bare runs before and after the relay's phases.
+        run.phase(BARE_AIOAPNS + AGAIN, "aioapns", 100)
+        run.phase(BARE_HTTPX + AGAIN, "httpx", 100)
         run.phase(RELAY_UNARY_10, "unary", 10, app="chat-ios", relay=pid)
         run.phase(RELAY_1000, "stream", 1000, app="slow-ios", relay=pid)
         rss_end = _rss_mib(relay.pid)
