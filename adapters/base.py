@@ -88,8 +88,9 @@ class Push:
             voip``, topic ``<bundle>.voip``, priority 10) to an app configured for VoIP;
             elsewhere a high-priority data message.
         encoded: ``payload`` as :func:`encode_json` encodes it, when whoever built the push
-            (render, which measures the encoding to fit the payload) has it already: an adapter
-            that sends the payload as it is sends these bytes. Empty = encode ``payload``.
+            (render, which measures the encoding to fit the payload) has it already: adapters
+            send these bytes (APNs as the body, FCM inside its ``message``) rather than encode
+            the payload again. Empty = encode ``payload``.
     """
 
     token: str

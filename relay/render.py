@@ -235,7 +235,7 @@ def render(
     return Push(
         token=token,
         payload=_wire(platform, payload),
-        encoded=encoded if platform == "apns" else b"",
+        encoded=encoded,
         background=background,
         high_priority=env.high_priority,
         ttl_seconds=env.ttl_seconds,

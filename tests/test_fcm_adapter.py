@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import logging
 import time
@@ -13,6 +14,7 @@ import httpx
 import jwt
 import pytest
 
+from adapters import fcm as fcm_adapter
 from adapters._transport import Transport, TransportSettings
 from adapters.base import Outcome, Push, Verdict, encode_json
 from adapters.fcm import FcmAdapter, FcmSettings
@@ -20,9 +22,13 @@ from relay.config import AppConfig, PrivacyPolicy
 from relay.dispatch import MAX_ATTEMPTS, AppRuntime
 from relay.logs import JsonFormatter
 from relay.metrics import Metrics
+from relay.model import Kind, Message, Privacy
+from relay.render import GroupingKeys, render
 from relay.testing.fake_fcm import FakeFCM, ServiceAccount
 from relay.testing.tls import TestPKI
 from tests.support import FakeClock
+
+GROUPING = GroupingKeys(b"k" * 32)
 
 INVALID_TOKEN = "The registration token is not a valid FCM registration token"
 PAYLOAD: dict[str, Any] = {
@@ -517,3 +523,16 @@ async def test_fake_token_endpoint_checks_the_grant(
 
     assert (response.status_code, response.json()["error"]) == (400, error)
     assert fcm.tokens_issued == 0
+
+
+@pytest.mark.parametrize("kind", list(Kind))
+@pytest.mark.parametrize("privacy", [Privacy.FULL, Privacy.REDACTED, Privacy.ID_ONLY])
+@pytest.mark.parametrize("token", ["t0k3n:with-characters_\u00e9", "fid:installation-1"])
+def test_a_rendered_push_is_sent_as_if_encoded_whole(kind, privacy, token) -> None:
+    """The body spliced from render's bytes is the body of the payload encoded whole."""
+    message = Message(kind, 'Al "the" \u00e9', "Lunch?\n", "conv-9", badge=3, waiting_count=2)
+    push = render(message, "fcm", privacy, token=token, keys=None, grouping=GROUPING)
+    assert push.encoded
+    whole = dataclasses.replace(push, encoded=b"")
+    assert fcm_adapter._body(push) == fcm_adapter._body(whole)
+    assert json.loads(fcm_adapter._body(push))["message"] == fcm_adapter._message(whole)
