@@ -140,8 +140,8 @@ class _Transfer:
         self.body: list[bytes] = []
         self.reset()
 
-    def begin(self) -> asyncio.Future[Response]:
-        self.future = asyncio.get_running_loop().create_future()
+    def begin(self, loop: asyncio.AbstractEventLoop) -> asyncio.Future[Response]:
+        self.future = loop.create_future()
         return self.future
 
     def succeed(self, response: Response) -> None:
@@ -300,7 +300,8 @@ class _Engine:
         for fd in waiting:
             self.loop.add_reader(fd, self._readable, fd)
         for fd in waiting:
-            self._act(fd, pycurl.CSELECT_IN)
+            if self._watched.get(fd, 0) in _IN:  # still: reading one may have closed another
+                self._act(fd, pycurl.CSELECT_IN)
         if self._kicked:
             self._on_timeout()
 
@@ -394,8 +395,8 @@ class Transport:
         curl.setopt(pycurl.HTTPHEADER, headers)
         curl.setopt(pycurl.POSTFIELDS, body)
         curl.setopt(pycurl.FRESH_CONNECT, 1 if fresh_connection else 0)
-        future = transfer.begin()
         engine = self._engine
+        future = transfer.begin(engine.loop)
         engine.start(transfer)
         try:
             return await future
