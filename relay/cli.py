@@ -84,6 +84,7 @@ def _add_send_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--conversation", default="push-relay-send", help="conversation id")
     parser.add_argument("--privacy", choices=modes, help="privacy mode (default: the app's)")
     parser.add_argument("--badge", type=int, default=0)
+    # Written --p256dh=KEY: a base64url key may start with "-", which argparse takes for an option.
     parser.add_argument("--p256dh", help="Web Push: the subscription's p256dh key (base64url)")
     parser.add_argument("--auth", help="Web Push: the subscription's auth secret (base64url)")
     parser.add_argument("--timeout", type=float, default=10.0, help="deadline in seconds")

@@ -198,8 +198,9 @@ async def test_send_works_for_fcm_and_web_push(tmp_path: Path, pki) -> None:
         b64 = base64.urlsafe_b64encode
         code, out, err = await _run(
             "send", "--config", str(path), "--app", "chat-web", "--token", sub.endpoint,
-            "--p256dh", b64(sub.keys.p256dh).decode().rstrip("="),
-            "--auth", b64(sub.keys.auth).decode().rstrip("="), "--preview", "hello from send",
+            # key=value: a base64url key may start with "-", which argparse would take for an option
+            "--p256dh=" + b64(sub.keys.p256dh).decode().rstrip("="),
+            "--auth=" + b64(sub.keys.auth).decode().rstrip("="), "--preview", "hello from send",
         )  # fmt: skip
         assert code == 0 and "outcome=DELIVERED" in out, out + err
         assert b"hello from send" in (webpush.received[0].plaintext or b"")
