@@ -164,8 +164,7 @@ def _code_of(exc: BaseException, context: Context) -> grpc.StatusCode:
 
 
 def _observe(metrics: Metrics, method: str, code: grpc.StatusCode, started: float) -> None:
-    metrics.requests.labels(method=method, code=code.name).inc()
-    metrics.request_duration.labels(method=method).observe(time.perf_counter() - started)
+    metrics.observe_request(method, code, time.perf_counter() - started)
 
 
 # --- retry info in trailers -----------------------------------------------------------------------

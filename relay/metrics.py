@@ -125,7 +125,20 @@ class Metrics:
         )
         ProcessCollector(registry=r)
         self._push_children: dict[tuple[Kind, str, str, Verdict], tuple[Counter, Counter]] = {}
+        self._request_children: dict[tuple[str, grpc.StatusCode], tuple[Counter, Histogram]] = {}
         self._precreate()
+
+    def observe_request(self, method: str, code: grpc.StatusCode, seconds: float) -> None:
+        """Count one finished call with its final code and time it; children looked up once."""
+        key = (method, code)
+        children = self._request_children.get(key)
+        if children is None:
+            children = self._request_children[key] = (
+                self.requests.labels(method=method, code=code.name),
+                self.request_duration.labels(method=method),
+            )
+        children[0].inc()
+        children[1].observe(seconds)
 
     def count_push(self, kind: Kind, platform: str, app: str, verdict: Verdict) -> None:
         """Count one push's outcome in both views; label children are looked up once each."""
