@@ -241,9 +241,9 @@ def test_relay_process_cannot_be_dumped_or_read(tmp_path, fake_apns, apns_key):
     assert control["readable"] is True and control["core"] != ["0", "0"]
 
 
-@pytest.mark.skipif(sys.platform != "linux", reason="SCHED_IDLE and /proc are Linux's")
+@pytest.mark.skipif(sys.platform != "linux", reason="SCHED_BATCH and /proc are Linux's")
 async def test_serve_runs_grpcs_threads_behind_the_event_loop(tmp_path, fake_apns, apns_key):
-    """Every thread but the event loop's is on SCHED_IDLE once serving (gRPC's core threads:
+    """Every thread but the event loop's is on SCHED_BATCH once serving (gRPC's core threads:
     they then stop preempting the loop on one core); the loop's own thread is untouched."""
     serve = await Serve.start(write_config(tmp_path, fake_apns, apns_key), module="relay")
     try:
@@ -254,7 +254,7 @@ async def test_serve_runs_grpcs_threads_behind_the_event_loop(tmp_path, fake_apn
         }
         assert policies.pop(pid) == os.SCHED_OTHER  # the main thread runs the event loop
         assert len(policies) >= 3  # gRPC's poller and EventEngine threads at least
-        assert set(policies.values()) == {os.SCHED_IDLE}
+        assert set(policies.values()) == {os.SCHED_BATCH}
         assert line["threads"] == len(policies)
         async with RelayClient(f"127.0.0.1:{serve.port}") as client:  # and it still serves
             response = await client.send(request(apns_token()), timeout=10)
