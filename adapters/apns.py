@@ -32,7 +32,7 @@ import logging
 import re
 import time
 import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlsplit
@@ -42,7 +42,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from adapters._transport import Response, Transport, TransportError, TransportSettings
-from adapters.base import Adapter, Outcome, Push, Verdict, encode_json, json_object
+from adapters.base import Adapter, Outcome, Push, Verdict, json_object, payload_bytes
 
 PRODUCTION_HOST = "api.push.apple.com"
 SANDBOX_HOST = "api.sandbox.push.apple.com"
@@ -207,7 +207,7 @@ class ApnsAdapter(Adapter[ApnsSettings]):
             # iOS app terminated, and an alert to a PushKit token goes nowhere.
             return Outcome(Verdict.REJECTED, "VoipOnlyApp" if self._settings.voip else "NotVoipApp")
         apns_id = _apns_id(push.push_id)
-        body = push.encoded or _encoded(push.payload)
+        body = payload_bytes(push)
         response = await self._send_once(push, apns_id, body)
         if response.status == 403 and response.reason in _RETRY_ONCE:
             fresh = response.reason == "UnrelatedKeyIdInToken"
@@ -304,10 +304,6 @@ def _apns_id(push_id: str) -> str:
     """The push's own id when it is a UUID (APNs wants it canonical: lower case), else a new one."""
     candidate = push_id.lower()
     return candidate if _CANONICAL_UUID.fullmatch(candidate) else str(uuid.uuid4())
-
-
-def _encoded(payload: Mapping[str, Any] | bytes) -> bytes:
-    return payload if isinstance(payload, bytes) else encode_json(payload)
 
 
 def _expiration(ttl_seconds: int) -> bytes:

@@ -111,6 +111,14 @@ def encode_json(payload: Mapping[str, Any]) -> bytes:
     return json.dumps(payload, ensure_ascii=False, separators=(",", ":")).encode()
 
 
+def payload_bytes(push: Push) -> bytes:
+    """The push's payload as sent: render's encoding when it has one (``Push.encoded``), bytes
+    as they are, a JSON object encoded."""
+    if push.encoded:
+        return push.encoded
+    return push.payload if isinstance(push.payload, bytes) else encode_json(push.payload)
+
+
 def json_object(body: bytes) -> dict[str, Any]:
     """A provider's answer body as a JSON object; {} when it is anything else."""
     try:

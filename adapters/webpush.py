@@ -32,7 +32,7 @@ import httpx
 from adapters._ece import Encrypt, encrypt
 from adapters._transport import Response, Transport, TransportError, TransportSettings
 from adapters._vapid import VapidSigner, load_vapid_key
-from adapters.base import Adapter, Outcome, Push, Verdict, encode_json, json_object
+from adapters.base import Adapter, Outcome, Push, Verdict, json_object, payload_bytes
 
 __all__ = ["WebPushAdapter", "WebPushSettings", "check_endpoint"]
 
@@ -243,7 +243,7 @@ class WebPushAdapter(Adapter[WebPushSettings]):
             return Outcome(Verdict.REJECTED, "MissingKeys")
         if push.collapse_key and not _TOPIC.fullmatch(push.collapse_key):
             return Outcome(Verdict.REJECTED, "BadTopic")
-        plaintext = push.payload if isinstance(push.payload, bytes) else encode_json(push.payload)
+        plaintext = payload_bytes(push)
         try:
             body = self._encrypt(plaintext, push.keys, pad_to=push.pad_to)
         except ValueError:

@@ -120,13 +120,12 @@ class GroupingKeys:
     every replica; a different purpose gives an unrelated key for the same conversation.
     """
 
-    __slots__ = ("_mac", "_secret")
+    __slots__ = ("_mac",)
 
     def __init__(self, secret: bytes) -> None:
         """Use ``secret`` (at least 16 bytes, e.g. 32 random bytes) as the HMAC key."""
         if len(secret) < _MIN_SECRET_BYTES:
             raise ValueError(f"grouping secret: at least {_MIN_SECRET_BYTES} bytes")
-        self._secret = secret
         self._mac = hmac.new(secret, digestmod=hashlib.sha256)  # copied per key: keyed once
 
     def for_conversation(self, conversation_id: str, *, purpose: str = "thread") -> str:
@@ -234,7 +233,7 @@ def render(
             payload, encoded = encoded, b""  # Web Push carries bytes: the adapter encrypts them
     return Push(
         token=token,
-        payload=_wire(platform, payload),
+        payload=payload,
         encoded=encoded,
         background=background,
         high_priority=env.high_priority,
@@ -277,13 +276,6 @@ def _with_caller(env: Envelope, message: Message, sender: str) -> Envelope:
     if message.kind is not Kind.INCOMING_CALL or not sender:
         return env
     return dataclasses.replace(env, relay={**env.relay, "caller": sender})
-
-
-def _wire(platform: str, payload: _payloads.Payload | bytes) -> _payloads.Payload | bytes:
-    """Web Push carries bytes (the adapter encrypts them); the others a JSON object."""
-    if platform == "webpush" and not isinstance(payload, bytes):
-        return encode_json(payload)
-    return payload
 
 
 def _sealed(

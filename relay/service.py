@@ -231,7 +231,7 @@ async def _settle_one(snap: Snapshot, job: _Job, deadline: float) -> Outcome:
     """One device's outcome, awaited in the request's own task, cut off at the deadline."""
     if job.immediate is not None or job.push is None:
         return job.immediate or RENDER_FAILED
-    inflight = snap.metrics.inflight
+    inflight = snap.metrics.inflight  # as _tracked counts it, without a coroutine of its own
     inflight.inc()
     try:
         async with asyncio.timeout_at(deadline):
