@@ -6,6 +6,7 @@ The adapters' tests cover the rest of it through each provider's protocol.
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -97,6 +98,7 @@ async def test_unusable_settings_name_the_field() -> None:
         (TransportSettings(proxy="socks5://127.0.0.1:1080"), "proxy"),
         (TransportSettings(ca_pem=b"not a certificate"), "ca_pem"),
         (TransportSettings(cert_file="/nonexistent.pem"), "cert_file"),
+        (TransportSettings(busy_fraction=(0.9, 0.5)), "busy_fraction"),
     ]:
         with pytest.raises(ValueError, match=field):
             Transport(settings)
@@ -117,10 +119,21 @@ class CountingMulti:
         return getattr(self._multi, name)
 
 
-@pytest.mark.parametrize("window", [0.0, 0.05])
-async def test_requests_and_answers_close_together_are_driven_together(window: float) -> None:
-    """Every call into libcurl costs in proportion to all the transfers it carries: under load
-    one call carries many requests and answers, and none of them is lost while it waits."""
+@pytest.mark.parametrize(
+    ("window", "busy", "burn", "batched"),
+    [
+        (0.0, (0.0, 0.0), False, False),  # no window
+        (0.05, (0.0, 0.0), False, True),  # a window always open
+        (0.05, TransportSettings().busy_fraction, False, False),  # an idle loop: shut
+        (0.05, TransportSettings().busy_fraction, True, True),  # a busy loop: open
+    ],
+)
+async def test_requests_and_answers_close_together_are_driven_together_when_the_loop_is_busy(
+    window: float, busy: tuple[float, float], burn: bool, batched: bool
+) -> None:
+    """Every call into libcurl costs in proportion to all the transfers it carries: when the
+    loop is busy, one call carries many requests and answers, and none of them is lost while
+    it waits. When the loop has time to spare, nothing waits."""
     key = ApnsKey.generate()
     headers = [
         b"authorization: bearer " + key.provider_token().encode(),
@@ -129,23 +142,37 @@ async def test_requests_and_answers_close_together_are_driven_together(window: f
     ]
     async with FakeAPNs(keys=[key], record=False) as fake:
         settings = TransportSettings(
-            ca_pem=fake.ca_pem, max_connections=1, batch_window_seconds=window
+            ca_pem=fake.ca_pem, max_connections=1, batch_window_seconds=window, busy_fraction=busy
         )
         transport = Transport(settings)
+        done = asyncio.Event()
+
+        async def burner() -> None:  # the loop's thread busy, as under a gRPC load
+            while not done.is_set():
+                until = time.perf_counter() + 0.002
+                while time.perf_counter() < until:
+                    pass
+                await asyncio.sleep(0)
+
         try:
             first = await transport.request(fake.url + PATH, headers, b"{}")  # authenticated
             assert first.status == 200
             multi = CountingMulti(transport._engine.multi)
             transport._engine.multi = multi
+            burning = asyncio.create_task(burner()) if burn else None
+            await asyncio.sleep(0.1)  # the loop's load measured
 
             async def one(after: float) -> int:
                 await asyncio.sleep(after)
                 return (await transport.request(fake.url + PATH, headers, b"{}")).status
 
-            # Requests trickling in a millisecond apart, as they do from gRPC callers.
-            statuses = await asyncio.gather(*(one(i / 1000) for i in range(200)))
+            # Requests trickling in two milliseconds apart, as they do from gRPC callers.
+            statuses = await asyncio.gather(*(one(i / 500) for i in range(200)))
+            done.set()
+            if burning is not None:
+                await burning
             assert statuses == [200] * 200
-            if window:
+            if batched:
                 assert multi.calls <= 200 / 4
             else:  # requests and answers each drive libcurl, a few at a time at most
                 assert multi.calls > 200 / 2
