@@ -6,11 +6,13 @@ The adapters' tests cover the rest of it through each provider's protocol.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+import pycurl
 import pytest
 
 from adapters._transport import Transport, TransportError, TransportSettings
@@ -176,5 +178,98 @@ async def test_requests_and_answers_close_together_are_driven_together_when_the_
                 assert multi.calls <= 200 / 4
             else:  # requests and answers each drive libcurl, a few at a time at most
                 assert multi.calls > 200 / 2
+        finally:
+            await transport.aclose()
+
+
+def _apns_headers(key: ApnsKey) -> list[bytes]:
+    return [
+        b"authorization: bearer " + key.provider_token().encode(),
+        b"apns-topic: com.example.chat",
+        b"apns-push-type: alert",
+    ]
+
+
+async def test_an_answer_runs_its_own_transfer_not_every_one_waiting_beside_it() -> None:
+    """libcurl runs every transfer on a connection when its socket turns readable, each one
+    trying a read: with hundreds waiting on a slow provider, every answer cost hundreds of
+    runs. The transport reads a connection through one transfer on it instead, and libcurl
+    wakes the streams that got data. Counted with libcurl's progress callback, which it calls
+    at every run of a transfer."""
+    key = ApnsKey.generate()
+    headers = _apns_headers(key)
+    async with FakeAPNs(keys=[key], record=False) as fake:
+        transport = Transport(
+            TransportSettings(ca_pem=fake.ca_pem, max_connections=1, batch_window_seconds=0)
+        )
+        runs = 0
+
+        def count(*_: int) -> int:
+            nonlocal runs
+            runs += 1
+            return 0
+
+        new_curl = transport._new_curl
+
+        def counted() -> Any:
+            curl = new_curl()
+            curl.setopt(pycurl.NOPROGRESS, 0)
+            curl.setopt(pycurl.XFERINFOFUNCTION, count)
+            return curl
+
+        transport._new_curl = counted  # type: ignore[method-assign]
+        waiting: list[asyncio.Task[Any]] = []
+        try:
+            assert (await transport.request(fake.url + PATH, headers, b"{}")).status == 200
+            tokens = [f"{i:064x}" for i in range(300)]
+            for token in tokens:
+                fake.stall(token)
+            waiting = [
+                asyncio.create_task(transport.request(fake.url + "/3/device/" + t, headers, b"{}"))
+                for t in tokens
+            ]
+            while fake.requests_seen < 1 + len(tokens):  # noqa: ASYNC110 (polling a fake)
+                await asyncio.sleep(0.01)
+            await asyncio.sleep(0.05)
+            runs = 0
+            for _ in range(50):  # one at a time: each answer is a readable socket of its own
+                assert (await transport.request(fake.url + PATH, headers, b"{}")).status == 200
+            assert runs < 50 * 30  # every waiting transfer run per answer: 50 * 300 and more
+            assert not any(task.done() for task in waiting)
+        finally:
+            for task in waiting:
+                task.cancel()
+            await transport.aclose()
+
+
+async def test_a_lost_connection_fails_every_transfer_waiting_on_it() -> None:
+    """Read through one transfer, a connection's end still reaches all the others at once."""
+    key = ApnsKey.generate()
+    headers = _apns_headers(key)
+    async with FakeAPNs(keys=[key], record=False) as fake:
+        transport = Transport(TransportSettings(ca_pem=fake.ca_pem, max_connections=1))
+        try:
+            assert (await transport.request(fake.url + PATH, headers, b"{}")).status == 200
+            tokens = [f"{i:064x}" for i in range(300)]
+            for token in tokens:
+                fake.stall(token)
+            waiting = [
+                asyncio.create_task(transport.request(fake.url + "/3/device/" + t, headers, b"{}"))
+                for t in tokens
+            ]
+            while fake.requests_seen < 1 + len(tokens):  # noqa: ASYNC110 (polling a fake)
+                await asyncio.sleep(0.01)
+            fake.drop_next()  # the next request cuts the connection
+            cut = asyncio.create_task(transport.request(fake.url + PATH, headers, b"{}"))
+            results = await asyncio.wait_for(
+                asyncio.gather(*waiting, return_exceptions=True), timeout=10
+            )
+            assert {r.reason if isinstance(r, TransportError) else r for r in results} == {
+                "ConnectionLost"
+            }
+            # The request that met the cut may be resent by libcurl on a fresh connection (it
+            # got nothing on a reused one): it ends either way.
+            with contextlib.suppress(TransportError):
+                assert (await asyncio.wait_for(cut, timeout=10)).status == 200
         finally:
             await transport.aclose()
