@@ -2,8 +2,8 @@
 
 Built on PyJWT rather than google-auth: google-auth's service-account credentials refresh through
 a synchronous transport (``requests``) or an aiohttp-only async one, neither of which shares the
-adapter's ``httpx`` client (its TLS trust anchors, proxy and HTTP/2 connection). The grant itself
-is one RS256-signed JWT and one form POST, so doing it here costs ~100 lines and no new dependency.
+adapter's transport (its TLS trust anchors, proxy and connections). The grant itself is one
+RS256-signed JWT and one form POST, so doing it here costs ~100 lines and no new dependency.
 
 :class:`TokenSource` holds at most one access token. It refreshes ``refresh_margin_seconds``
 before the token expires (google-auth uses 3 min 45 s), runs one refresh at a time however many
@@ -19,13 +19,14 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, TypeGuard
+from urllib.parse import urlencode
 
-import httpx
 import jwt
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
 from adapters import base
+from adapters._transport import Response, Transport, TransportError
 
 log = logging.getLogger("adapters.fcm")
 
@@ -34,6 +35,7 @@ JWT_BEARER_GRANT = "urn:ietf:params:oauth:grant-type:jwt-bearer"
 ASSERTION_LIFETIME_SECONDS = 3600  # Google's maximum for a grant assertion
 DEFAULT_REFRESH_MARGIN_SECONDS = 225.0  # google-auth's REFRESH_THRESHOLD
 RIDE_OUT_RETRY_SECONDS = 10.0  # after a failed early refresh, the old token serves this long
+_FORM_HEADERS = (b"content-type: application/x-www-form-urlencoded", b"accept: application/json")
 
 
 class OAuthError(Exception):
@@ -75,8 +77,8 @@ class ServiceAccountKey:
             if not isinstance(value, str) or not value:
                 raise ValueError(f"service account: {name} is missing or not a string")
             fields[name] = value
-        if not fields["token_uri"].startswith(("https://", "http://")):
-            raise ValueError("service account: token_uri is not an http(s) URL")
+        if not fields["token_uri"].startswith("https://"):
+            raise ValueError("service account: token_uri is not an https URL")
         key_id = info.get("private_key_id", "")
         return cls(
             project_id=fields["project_id"],
@@ -123,7 +125,7 @@ class TokenSource:
 
     Args:
         key: the service account.
-        client: the HTTP client used for the token endpoint (the adapter's own).
+        transport: what the token endpoint is reached through (the adapter's own).
         app_id: the app's configured id, for log lines.
         refresh_margin_seconds: refresh this long before the token expires.
         clock: a monotonic clock in seconds (injected by tests).
@@ -132,14 +134,14 @@ class TokenSource:
     def __init__(
         self,
         key: ServiceAccountKey,
-        client: httpx.AsyncClient,
+        transport: Transport,
         *,
         app_id: str,
         refresh_margin_seconds: float = DEFAULT_REFRESH_MARGIN_SECONDS,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._key = key
-        self._client = client
+        self._transport = transport
         self._app_id = app_id
         self._margin = refresh_margin_seconds
         self._clock = clock
@@ -204,11 +206,11 @@ class TokenSource:
         started = self._clock()
         form = {"grant_type": JWT_BEARER_GRANT, "assertion": self._key.assertion(int(time.time()))}
         try:
-            response = await self._client.post(
-                self._key.token_uri, data=form, headers={"accept": "application/json"}
+            response = await self._transport.request(
+                self._key.token_uri, _FORM_HEADERS, urlencode(form).encode("ascii")
             )
-        except httpx.RequestError as exc:
-            self._warn("OAUTH_UNAVAILABLE", type(exc).__name__)
+        except TransportError as exc:  # its reason is one word, never the URL
+            self._warn("OAUTH_UNAVAILABLE", exc.reason)
             raise OAuthError("OAUTH_UNAVAILABLE", retryable=True) from None
         value, expires_in = self._parse(response)
         # Counted from when we asked, so our idea of expiry is never later than the provider's;
@@ -217,14 +219,15 @@ class TokenSource:
         self._token = _Token(value, expires_at - min(self._margin, expires_in / 2), expires_at)
         return self._token
 
-    def _parse(self, response: httpx.Response) -> tuple[str, float]:
-        body = json_object(response)
-        if response.status_code != 200:
+    def _parse(self, response: Response) -> tuple[str, float]:
+        body = base.json_object(response.body)
+        status = response.status
+        if status != 200:
             error = body.get("error")
             code = error if isinstance(error, str) and error.isidentifier() else "error"
-            reason = f"OAUTH_{code.upper()}" if response.status_code < 500 else "OAUTH_UNAVAILABLE"
-            retryable = response.status_code >= 500 or response.status_code == 429
-            self._warn(reason, str(response.status_code))
+            reason = f"OAUTH_{code.upper()}" if status < 500 else "OAUTH_UNAVAILABLE"
+            retryable = status >= 500 or status == 429
+            self._warn(reason, str(status))
             raise OAuthError(reason, retryable=retryable)
         value, expires_in = body.get("access_token"), body.get("expires_in")
         if not isinstance(value, str) or not value or not _positive_number(expires_in):
@@ -241,8 +244,3 @@ class TokenSource:
 
 def _positive_number(value: object) -> TypeGuard[float]:
     return isinstance(value, int | float) and not isinstance(value, bool) and value > 0
-
-
-def json_object(response: httpx.Response) -> dict[str, Any]:
-    """The response body as a JSON object; {} when it is anything else."""
-    return base.json_object(response.content)

@@ -4,8 +4,8 @@ The relay renders the v1 ``message`` object without its target (``relay/render.p
 adapter adds the target (``token``, or ``fid`` for a device token written ``fid:<id>``), fills
 ``android.priority``/``ttl``/``collapse_key`` from the :class:`~adapters.base.Push` only where the
 payload lacks them, and POSTs ``{"message": …}`` with an OAuth2 access token from the service
-account (``adapters/_google_oauth.py``). Only that token exchange, a request an hour, still goes
-through ``httpx``; every push goes through ``adapters/_transport.py``, ~25× cheaper per request.
+account (``adapters/_google_oauth.py``). The token exchange, a request an hour, and every push go
+through ``adapters/_transport.py`` (libcurl, ~25× cheaper per request than httpx).
 
 How answers become outcomes (providers.md §2.3, §6). The FCM ``errorCode`` detail decides, not
 the HTTP status alone, so that a misconfigured project (404 without ``UNREGISTERED``) never
@@ -37,15 +37,12 @@ from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import quote
 
-import httpx
-
 from adapters._google_oauth import (
     DEFAULT_REFRESH_MARGIN_SECONDS,
     OAuthError,
     ServiceAccountKey,
     TokenSource,
 )
-from adapters._http import provider_client
 from adapters._transport import Response, Transport, TransportError, TransportSettings
 from adapters.base import Adapter, Outcome, Push, Verdict, encode_json, json_object
 
@@ -57,7 +54,6 @@ FCM_ERROR_TYPE = "type.googleapis.com/google.firebase.fcm.v1.FcmError"
 INVALID_TOKEN_MESSAGE = "not a valid fcm registration token"  # lower-cased, matched inside
 QUOTA_DEFAULT_RETRY_SECONDS = 60  # Google: back off at least a minute after QUOTA_EXCEEDED
 _MAX_RETRY_AFTER_SECONDS = 24 * 3600
-_TIMEOUT = httpx.Timeout(30.0, connect=10.0)  # the relay's deadline is usually far shorter
 _CONTENT_TYPE = b"content-type: application/json"
 
 
@@ -117,8 +113,8 @@ class _Answer:
 class FcmAdapter(Adapter[FcmSettings]):
     """Sends pushes for one app through FCM HTTP v1.
 
-    Build it with :meth:`create` inside the running loop; it owns its transport (pushes) and
-    its httpx client (the OAuth token exchange) unless they were injected.
+    Build it with :meth:`create` inside the running loop; it owns its transport (pushes and the
+    OAuth token exchange) unless one was injected.
     """
 
     platform = "fcm"
@@ -128,21 +124,19 @@ class FcmAdapter(Adapter[FcmSettings]):
         settings: FcmSettings,
         key: ServiceAccountKey,
         transport: Transport,
-        client: httpx.AsyncClient,
         *,
-        owns: tuple[bool, bool],
+        owns_transport: bool,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._app_id = settings.app_id
         self._transport = transport
-        self._client = client
-        self._owns_transport, self._owns_client = owns
+        self._owns_transport = owns_transport
         self._closed = False
         base = (settings.endpoint or FCM_BASE_URL).rstrip("/")
         self._url = f"{base}/v1/projects/{quote(key.project_id, safe='')}/messages:send"
         self._tokens = TokenSource(
             key,
-            client,
+            transport,
             app_id=settings.app_id,
             refresh_margin_seconds=settings.token_refresh_margin_seconds,
             clock=clock,
@@ -154,17 +148,14 @@ class FcmAdapter(Adapter[FcmSettings]):
         settings: FcmSettings,
         *,
         transport: Transport | None = None,
-        client: httpx.AsyncClient | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> FcmAdapter:
-        """Check the service account and set up the clients (no request is made yet).
+        """Check the service account and set up the transport (no request is made yet).
 
         Args:
             settings: the app's settings.
-            transport: the HTTP/2 transport for pushes, instead of building one (the caller
-                closes it).
-            client: an HTTP client for the token endpoint, instead of building one (the caller
-                closes it).
+            transport: the transport for pushes and the token endpoint, instead of building
+                one (the caller closes it).
             clock: a monotonic clock for token expiry (tests move it forward).
 
         Raises:
@@ -175,7 +166,7 @@ class FcmAdapter(Adapter[FcmSettings]):
             key = ServiceAccountKey.from_info(settings.service_account)
         except ValueError as exc:
             raise ValueError(f"app {settings.app_id!r}: {exc}") from None
-        owns = (transport is None, client is None)
+        owns_transport = transport is None
         if transport is None:
             try:
                 transport = Transport(
@@ -183,9 +174,7 @@ class FcmAdapter(Adapter[FcmSettings]):
                 )
             except ValueError as exc:
                 raise ValueError(f"app {settings.app_id!r}: {exc}") from None
-        if client is None:
-            client = provider_client(ca_pem=settings.ca_pem, proxy=settings.proxy, timeout=_TIMEOUT)
-        return cls(settings, key, transport, client, owns=owns, clock=clock)
+        return cls(settings, key, transport, owns_transport=owns_transport, clock=clock)
 
     @property
     def ready(self) -> bool:
@@ -217,15 +206,13 @@ class FcmAdapter(Adapter[FcmSettings]):
         return _classify(answer)
 
     async def aclose(self) -> None:
-        """Stop refreshing and close the HTTP client (if this adapter built it); idempotent."""
+        """Stop refreshing and close the transport (if this adapter built it); idempotent."""
         if self._closed:
             return
         self._closed = True
         await self._tokens.aclose()
         if self._owns_transport:
             await self._transport.aclose()
-        if self._owns_client:
-            await self._client.aclose()
 
     async def _post(self, body: bytes) -> _Answer:
         token = await self._tokens.get()

@@ -8,10 +8,11 @@ HTTP/2 when the service offers it, HTTP/1.1 otherwise) posts.
 The endpoint URL comes from the caller, so it is an SSRF vector: :func:`check_endpoint` allows
 only ``https`` URLs whose host matches the app's ``allowed_endpoints`` (deny by default), the
 relay calls it while validating a request and :meth:`WebPushAdapter.send` checks again, and
-redirects are never followed. The URL is parsed once, by httpx's parser, and libcurl is handed
-the URL rebuilt from the parts that were checked (:func:`_canonical`), so the check and the
-connection cannot disagree about the host. An endpoint URL is a bearer capability: it appears
-in no log line and no outcome; the transport logs nothing.
+redirects are never followed. The URL is parsed once (:func:`_parse_endpoint`, strict RFC 3986
+over printable ASCII: an ``@`` anywhere before the path is refused as credentials), and libcurl
+is handed the URL rebuilt from the parts that were checked (:attr:`_Endpoint.url`), so the
+check and the connection cannot disagree about the host. An endpoint URL is a bearer
+capability: it appears in no log line and no outcome; the transport logs nothing.
 
 Responses: 2xx → DELIVERED; 404/410 → TOKEN_INVALID; 429 → RATE_LIMITED; 5xx → UNAVAILABLE
 (retryable); 3xx and other 4xx (400, 401, 403, 413, ...) → REJECTED.
@@ -27,8 +28,6 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-import httpx
-
 from adapters._ece import Encrypt, encrypt
 from adapters._transport import Response, Transport, TransportError, TransportSettings
 from adapters._vapid import VapidSigner, load_vapid_key
@@ -43,6 +42,18 @@ MAX_ENDPOINT_CHARS = 2048
 _MAX_RESPONSE_BYTES = 4096  # error bodies are a short JSON reason; never buffer more
 _MAX_RETRY_AFTER_SECONDS = 24 * 3600
 _URL_CHARS = re.compile(r"[\x21-\x7e]+")  # printable ASCII: no spaces, controls or Unicode
+# RFC 3986's generic syntax: scheme, then an authority up to the first "/", "?" or "#" (a
+# fragment is never sent).
+_URL = re.compile(
+    r"(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*)://(?P<authority>[^/?#]*)"
+    r"(?P<path>[^?#]*)(?:\?(?P<query>[^#]*))?(?:#.*)?"
+)
+_AUTHORITY = re.compile(
+    r"(?:(?P<name>[^:\[\]]+)|\[(?P<ipv6>[0-9A-Fa-f:.]+)\])(?::(?P<port>[0-9]{0,5}))?"
+)
+# Printable ASCII that RFC 3986 allows nowhere in a path or query: percent-encoded, as browsers
+# and httpx do ("%" itself passes as it is: endpoints arrive encoded).
+_ENCODE = str.maketrans({c: f"%{ord(c):02X}" for c in '"<>\\^`{|}'})
 _LABEL = r"(?!-)[a-z0-9-]{1,63}(?<!-)"
 _HOSTNAME = re.compile(rf"{_LABEL}(?:\.{_LABEL})*")
 _TOPIC = re.compile(r"[A-Za-z0-9_-]{1,32}")  # RFC 8030 §5.4
@@ -85,8 +96,8 @@ def check_endpoint(settings: WebPushSettings, endpoint: str) -> str | None:
     ``settings.allowed_endpoints``. A glob's ``*`` matches any run of host characters, dots
     included, so ``*.example.com`` allows ``a.example.com`` and ``a.b.example.com`` but neither
     ``example.com`` nor ``evilexample.com``; ``?`` matches one character within a label. Any port
-    on an allowed host is accepted (the host is the trust boundary). The URL is parsed by httpx,
-    the parser that will send the request, so the check and the connection cannot disagree.
+    on an allowed host is accepted (the host is the trust boundary). The URL libcurl is given is
+    rebuilt from the parts checked here, so the check and the connection cannot disagree.
 
     Args:
         settings: the app's settings (its allow-list).
@@ -99,34 +110,57 @@ def check_endpoint(settings: WebPushSettings, endpoint: str) -> str | None:
     return url if isinstance(url, str) else _check_host(settings, url)
 
 
-def _check_host(settings: WebPushSettings, url: httpx.URL) -> str | None:
-    host = url.raw_host.decode("ascii").lower()
-    if not any(_glob_matches(glob, host) for glob in settings.allowed_endpoints):
+def _check_host(settings: WebPushSettings, url: _Endpoint) -> str | None:
+    if not any(_glob_matches(glob, url.host) for glob in settings.allowed_endpoints):
         return "token: endpoint host not in allowed_endpoints"
     return None
 
 
-def _parse_endpoint(endpoint: str) -> httpx.URL | str:
+@dataclass(frozen=True, slots=True)
+class _Endpoint:
+    """A checked endpoint: host (lower case; an IPv6 literal without brackets), port (None for
+    https's 443) and target (path and query, percent-encoded where RFC 3986 requires)."""
+
+    host: str
+    port: int | None
+    target: str
+
+    @property
+    def origin(self) -> str:
+        """The ASCII serialization of the URL's origin: the VAPID ``aud``."""
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"https://{host}" if self.port is None else f"https://{host}:{self.port}"
+
+    @property
+    def url(self) -> str:
+        """The URL libcurl is given: the checked origin and the encoded target."""
+        return self.origin + self.target
+
+
+def _parse_endpoint(endpoint: str) -> _Endpoint | str:
     not_https = "token: endpoint must be an https URL"
     if len(endpoint) > MAX_ENDPOINT_CHARS:
         return f"token: endpoint longer than {MAX_ENDPOINT_CHARS} characters"
     if not _URL_CHARS.fullmatch(endpoint):
         return not_https
-    try:
-        url = httpx.URL(endpoint)
-    except httpx.InvalidURL:
+    parts = _URL.fullmatch(endpoint)
+    if parts is None or parts["scheme"].lower() != "https":
         return not_https
-    if url.scheme != "https" or not url.raw_host:
-        return not_https
-    if url.userinfo:
+    authority = parts["authority"]
+    if "@" in authority:  # userinfo, or a host some parser would read past a "\\" or "%2f"
         return "token: endpoint must not contain credentials"
-    if url.port is not None and not 0 < url.port < 65536:
+    where = _AUTHORITY.fullmatch(authority)
+    if where is None:
         return not_https
-    host = url.raw_host.decode("ascii").lower()
+    host = (where["name"] or where["ipv6"] or "").lower()
     # IPv6 literals pass only as "not allowed": the allow-list syntax has no way to name them.
-    if not _HOSTNAME.fullmatch(host) and ":" not in host:
+    if not (_HOSTNAME.fullmatch(host) or (where["ipv6"] and host)):
         return not_https
-    return url
+    port = int(where["port"]) if where["port"] else None
+    if port is not None and not 0 < port < 65536:
+        return not_https
+    target = (parts["path"] or "/") + ("?" + parts["query"] if parts["query"] is not None else "")
+    return _Endpoint(host, None if port == 443 else port, target.translate(_ENCODE))
 
 
 def _glob_matches(glob: str, host: str) -> bool:
@@ -141,19 +175,6 @@ def _glob_pattern(glob: str) -> re.Pattern[str]:
             for c in glob.lower()
         )
     )
-
-
-def _origin(url: httpx.URL) -> str:
-    """The ASCII serialization of the URL's origin: the VAPID ``aud``."""
-    host = url.raw_host.decode("ascii")
-    host = f"[{host}]" if ":" in host else host
-    port = f":{url.port}" if url.port is not None else ""  # httpx drops the default port
-    return f"{url.scheme}://{host}{port}"
-
-
-def _canonical(url: httpx.URL) -> str:
-    """The URL libcurl is given: rebuilt from the checked origin and the encoded path+query."""
-    return _origin(url) + url.raw_path.decode("ascii")
 
 
 class WebPushAdapter(Adapter[WebPushSettings]):
@@ -250,9 +271,9 @@ class WebPushAdapter(Adapter[WebPushSettings]):
             return Outcome(Verdict.REJECTED, "InvalidKeys")
         return await self._deliver(url, body, _headers(push))
 
-    async def _deliver(self, url: httpx.URL, body: bytes, headers: list[bytes]) -> Outcome:
-        origin = _origin(url)
-        target = _canonical(url)
+    async def _deliver(self, url: _Endpoint, body: bytes, headers: list[bytes]) -> Outcome:
+        origin = url.origin
+        target = url.url
         authorization, fresh = self._signer.authorization(origin)
         try:
             response = await self._post(target, body, headers, authorization)

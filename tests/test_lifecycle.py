@@ -262,3 +262,18 @@ async def test_serve_runs_grpcs_threads_behind_the_event_loop(tmp_path, fake_apn
     finally:
         serve.proc.send_signal(signal.SIGTERM)
         assert await serve.finish() == 0
+
+
+def test_serve_loads_no_http_client_library_beside_libcurl() -> None:
+    """Every provider request, the FCM token exchange included, goes through libcurl: httpx and
+    its HTTP/2 stack (~4 MiB of RSS) are for the tests and the benchmark, never loaded by the
+    service. aioapns neither."""
+    code = (
+        "import sys, relay.cli, relay.server, adapters.apns, adapters.fcm, adapters.webpush\n"
+        "print(sorted(m for m in ('httpx', 'httpcore', 'h11', 'anyio', 'aioapns') "
+        "if m in sys.modules))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], env=ENV, capture_output=True, text=True, check=True
+    )
+    assert out.stdout.strip() == "[]"

@@ -24,7 +24,13 @@ from adapters._ece import MAX_BODY_BYTES, MAX_PLAINTEXT_BYTES, OVERHEAD_BYTES, e
 from adapters._transport import Transport, TransportSettings
 from adapters._vapid import RENEW_BEFORE_SECONDS, TOKEN_LIFETIME_SECONDS, VapidSigner
 from adapters.base import DeviceKeys, Outcome, Push, Verdict
-from adapters.webpush import WebPushAdapter, WebPushSettings, _retry_after, check_endpoint
+from adapters.webpush import (
+    WebPushAdapter,
+    WebPushSettings,
+    _parse_endpoint,
+    _retry_after,
+    check_endpoint,
+)
 from relay.testing.device import DecryptionError, TestSubscription
 from relay.testing.fake_webpush import FakeSubscription, FakeWebPush
 from relay.testing.proxy import ConnectProxy
@@ -483,6 +489,47 @@ def test_refused_endpoints(endpoint: str, problem: str) -> None:
     message = check_endpoint(settings(*ALLOWED), endpoint)
     assert message is not None and message.startswith("token: ") and problem in message
     assert "googleapis" not in message and "evil" not in message  # never echoes the URL
+
+
+@pytest.mark.parametrize(
+    ("endpoint", "url", "origin"),
+    [
+        (
+            "https://A.Push.example.com/w/abc?x=1#fragment",
+            "https://a.push.example.com/w/abc?x=1",
+            "https://a.push.example.com",
+        ),
+        (
+            "HTTPS://a.push.example.com:443/w",
+            "https://a.push.example.com/w",
+            "https://a.push.example.com",
+        ),
+        (
+            "https://a.push.example.com:8443",
+            "https://a.push.example.com:8443/",
+            "https://a.push.example.com:8443",
+        ),
+        (
+            'https://a.push.example.com/w/"{x}"|^`\\?q=<1>',
+            "https://a.push.example.com/w/%22%7Bx%7D%22%7C%5E%60%5C?q=%3C1%3E",
+            "https://a.push.example.com",
+        ),
+        (
+            "https://a.push.example.com/w/%2F%zz",
+            "https://a.push.example.com/w/%2F%zz",
+            "https://a.push.example.com",
+        ),
+    ],
+)
+def test_libcurl_is_given_the_url_rebuilt_from_the_checked_parts(
+    endpoint: str, url: str, origin: str
+) -> None:
+    """Host lower-cased, https's port dropped (the VAPID audience is the origin), a fragment
+    never sent, and what RFC 3986 allows nowhere percent-encoded, as browsers do."""
+    assert check_endpoint(settings(*ALLOWED), endpoint) is None
+    parsed = _parse_endpoint(endpoint)
+    assert not isinstance(parsed, str)
+    assert (parsed.url, parsed.origin) == (url, origin)
 
 
 def test_an_empty_allow_list_denies_everything() -> None:
