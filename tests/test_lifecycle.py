@@ -264,6 +264,46 @@ async def test_serve_runs_grpcs_threads_behind_the_event_loop(tmp_path, fake_apn
         assert await serve.finish() == 0
 
 
+@pytest.mark.skipif(sys.platform != "linux", reason="glibc's malloc_trim and /proc")
+def test_freed_heap_memory_goes_back_to_the_system() -> None:
+    """What a burst freed inside the heap (not at its top, which glibc returns by itself) goes
+    back to the system when serve releases free memory, as it does every 10 s."""
+    code = """
+import ctypes
+from relay.cli import release_free_memory
+libc = ctypes.CDLL(None)
+libc.malloc.restype = ctypes.c_void_p
+libc.free.argtypes = [ctypes.c_void_p]
+def rss_mib():
+    status = open("/proc/self/status").read()
+    return int(status.split("VmRSS:")[1].split()[0]) // 1024
+blocks = [libc.malloc(64 * 1024) for _ in range(800)]  # 50 MiB, below the mmap threshold
+for block in blocks:
+    ctypes.memset(block, 1, 64 * 1024)
+for block in blocks[:-1]:  # the last one holds the heap's top in place
+    libc.free(block)
+before = rss_mib()
+released = release_free_memory()
+print(released, before - rss_mib())
+"""
+    out = subprocess.run(
+        [sys.executable, "-c", code], env=ENV, capture_output=True, text=True, check=True
+    )
+    released, freed_mib = out.stdout.split()
+    assert released == "True"
+    assert int(freed_mib) > 40
+
+
+async def test_serve_returns_free_memory_periodically(tmp_path, fake_apns, apns_key):
+    serve = await Serve.start(write_config(tmp_path, fake_apns, apns_key), module="relay")
+    try:
+        line = await serve.wait_for("free memory returned to the system periodically")
+        assert line["every_seconds"] == 10.0
+    finally:
+        serve.proc.send_signal(signal.SIGTERM)
+        assert await serve.finish() == 0
+
+
 def test_serve_loads_no_http_client_library_beside_libcurl() -> None:
     """Every provider request, the FCM token exchange included, goes through libcurl: httpx and
     its HTTP/2 stack (~4 MiB of RSS) are for the tests and the benchmark, never loaded by the
