@@ -273,3 +273,25 @@ async def test_a_lost_connection_fails_every_transfer_waiting_on_it() -> None:
                 assert (await asyncio.wait_for(cut, timeout=10)).status == 200
         finally:
             await transport.aclose()
+
+
+async def test_idle_handles_no_request_needed_are_closed() -> None:
+    """A burst leaves its easy handles idle (~23 KiB each inside libcurl); those no request
+    took for a whole period are closed, those in use stay."""
+    key = ApnsKey.generate()
+    headers = _apns_headers(key)
+    async with FakeAPNs(keys=[key], record=False) as fake:
+        transport = Transport(TransportSettings(ca_pem=fake.ca_pem, idle_handle_seconds=0.1))
+        try:
+            burst = [transport.request(fake.url + PATH, headers, b"{}") for _ in range(20)]
+            assert [r.status for r in await asyncio.gather(*burst)] == [200] * 20
+            assert len(transport._free) == 20
+            for _ in range(20):  # one request at a time over ~4 periods: one handle needed
+                assert (await transport.request(fake.url + PATH, headers, b"{}")).status == 200
+                await asyncio.sleep(0.02)
+            assert len(transport._free) == 1
+            await asyncio.sleep(0.35)  # then nothing: the last one goes too
+            assert transport._free == []
+            assert (await transport.request(fake.url + PATH, headers, b"{}")).status == 200
+        finally:
+            await transport.aclose()
