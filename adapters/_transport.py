@@ -11,8 +11,11 @@ proxies and client certificates.
 
 This module only drives it from the asyncio loop (``socket_action``: libcurl says which sockets
 to watch and when to wake it; the loop calls it back) and turns a finished transfer into a
-:class:`Response` or a :class:`TransportError`. It knows nothing of any provider, and it never
-logs: URLs, headers and bodies carry tokens and content.
+:class:`Response` or a :class:`TransportError`. Three things keep that cheap: when the loop is
+busy, requests and answers are gathered for one call per window (:meth:`_Engine._window`); a
+readable connection is read through one of its transfers, not all of them (:meth:`_Engine._read`);
+idle handles no request needed are closed (:meth:`Transport._trim_idle`). It knows nothing of
+any provider, and it never logs: URLs, headers and bodies carry tokens and content.
 
 Lifecycle: build it inside the running loop, ``await transport.request(...)`` concurrently, then
 ``await transport.aclose()``. Cancelling a request removes its transfer at once: libcurl resets
@@ -534,8 +537,9 @@ class Transport:
     def _trim_idle(self) -> None:
         """Close the idle handles no request needed over the last period.
 
-        Each keeps ~23 KiB inside libcurl (its 16 KiB request buffer among it): after a burst,
-        up to 128 of them per app stayed for good, ~3 MiB an app.
+        Each keeps ~23 KiB inside libcurl (its 16 KiB request buffer among it), and with an
+        app's ``ca_pem`` a copy of the whole trust blob (~220 KiB): up to 128 of them per app
+        stayed after a burst for good, 2 MiB, or 30 MiB with ``ca_pem`` (``bench/RESULTS.md``).
         """
         for _ in range(min(self._fewest_free, len(self._free))):
             self._free.pop(0).curl.close()  # the least recently used first

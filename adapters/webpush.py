@@ -154,7 +154,7 @@ def _parse_endpoint(endpoint: str) -> _Endpoint | str:
         return not_https
     host = (where["name"] or where["ipv6"] or "").lower()
     # IPv6 literals pass only as "not allowed": the allow-list syntax has no way to name them.
-    if not (_HOSTNAME.fullmatch(host) or (where["ipv6"] and host)):
+    if not (where["ipv6"] or _HOSTNAME.fullmatch(host)):
         return not_https
     port = int(where["port"]) if where["port"] else None
     if port is not None and not 0 < port < 65536:
@@ -273,7 +273,7 @@ class WebPushAdapter(Adapter[WebPushSettings]):
 
     async def _deliver(self, url: _Endpoint, body: bytes, headers: list[bytes]) -> Outcome:
         origin = url.origin
-        target = url.url
+        target = origin + url.target
         authorization, fresh = self._signer.authorization(origin)
         try:
             response = await self._post(target, body, headers, authorization)

@@ -190,6 +190,24 @@ def _apns_headers(key: ApnsKey) -> list[bytes]:
     ]
 
 
+async def _waiting_on_one_connection(
+    fake: FakeAPNs, transport: Transport, headers: list[bytes], count: int
+) -> list[asyncio.Task[Any]]:
+    """``count`` requests the fake received and will not answer, on the transport's connection
+    (opened and authenticated first by one answered request)."""
+    assert (await transport.request(fake.url + PATH, headers, b"{}")).status == 200
+    tokens = [f"{i:064x}" for i in range(count)]
+    for token in tokens:
+        fake.stall(token)
+    waiting = [
+        asyncio.create_task(transport.request(fake.url + "/3/device/" + t, headers, b"{}"))
+        for t in tokens
+    ]
+    while fake.requests_seen < 1 + count:  # noqa: ASYNC110 (polling a fake)
+        await asyncio.sleep(0.01)
+    return waiting
+
+
 async def test_an_answer_runs_its_own_transfer_not_every_one_waiting_beside_it() -> None:
     """libcurl runs every transfer on a connection when its socket turns readable, each one
     trying a read: with hundreds waiting on a slow provider, every answer cost hundreds of
@@ -220,16 +238,7 @@ async def test_an_answer_runs_its_own_transfer_not_every_one_waiting_beside_it()
         transport._new_curl = counted  # type: ignore[method-assign]
         waiting: list[asyncio.Task[Any]] = []
         try:
-            assert (await transport.request(fake.url + PATH, headers, b"{}")).status == 200
-            tokens = [f"{i:064x}" for i in range(300)]
-            for token in tokens:
-                fake.stall(token)
-            waiting = [
-                asyncio.create_task(transport.request(fake.url + "/3/device/" + t, headers, b"{}"))
-                for t in tokens
-            ]
-            while fake.requests_seen < 1 + len(tokens):  # noqa: ASYNC110 (polling a fake)
-                await asyncio.sleep(0.01)
+            waiting = await _waiting_on_one_connection(fake, transport, headers, 300)
             await asyncio.sleep(0.05)
             runs = 0
             for _ in range(50):  # one at a time: each answer is a readable socket of its own
@@ -249,16 +258,7 @@ async def test_a_lost_connection_fails_every_transfer_waiting_on_it() -> None:
     async with FakeAPNs(keys=[key], record=False) as fake:
         transport = Transport(TransportSettings(ca_pem=fake.ca_pem, max_connections=1))
         try:
-            assert (await transport.request(fake.url + PATH, headers, b"{}")).status == 200
-            tokens = [f"{i:064x}" for i in range(300)]
-            for token in tokens:
-                fake.stall(token)
-            waiting = [
-                asyncio.create_task(transport.request(fake.url + "/3/device/" + t, headers, b"{}"))
-                for t in tokens
-            ]
-            while fake.requests_seen < 1 + len(tokens):  # noqa: ASYNC110 (polling a fake)
-                await asyncio.sleep(0.01)
+            waiting = await _waiting_on_one_connection(fake, transport, headers, 300)
             fake.drop_next()  # the next request cuts the connection
             cut = asyncio.create_task(transport.request(fake.url + PATH, headers, b"{}"))
             results = await asyncio.wait_for(
