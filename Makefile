@@ -3,7 +3,7 @@
 #   make test    the whole test suite (what CI runs); as root it first installs the system
 #                tools some tests run (promtool, strace) with apt-get, when missing
 #   make check   format, lint, types and tests
-#   make bench   the relay beside the bare provider libraries on one nginx sink (~2 minutes);
+#   make bench   the relay beside the bare provider libraries on one nginx sink (~2.5 minutes);
 #                as root it first installs nginx-light and its echo module with apt-get
 PYTHON ?= python3
 # The service writes no file, bytecode caches included: everything run from here runs so.
