@@ -174,7 +174,7 @@ def _return_free_memory_every(seconds: float) -> None:
 
     A burst of pushes in flight (a provider slowing down, a caller's spike) grows the heap, and
     glibc keeps what is freed inside it for reuse, returning only what sits at its very top: RSS
-    stayed at the burst's high-water mark, +14–16 % in one step over the soak's 150–200 s
+    stayed at each burst's high-water mark, +14–23 % in steps over the soak's 150–200 s
     (``bench/RESULTS.md``). ``malloc_trim(0)`` returns free pages from anywhere in the heap; it
     took 0.2–0.5 ms here, once every 10 s.
     """
