@@ -92,7 +92,7 @@ class TransportSettings:
             and answers wait until this long after it, to be handled together (0 = never
             wait). The window opens only as far as the event loop is busy (``busy_fraction``).
         idle_handle_seconds: an idle easy handle no request took for this long is closed
-            (each keeps ~23 KiB inside libcurl).
+            (each keeps its 16 KiB request buffer and ~3 KiB of state inside libcurl).
         busy_fraction: (closed, open): the share of the last ~50 ms the event loop's thread
             spent running (its CPU time over wall time) below which the window stays shut,
             and from which it is fully open; in between, it opens in proportion. An idle
@@ -537,7 +537,7 @@ class Transport:
     def _trim_idle(self) -> None:
         """Close the idle handles no request needed over the last period.
 
-        Each keeps ~23 KiB inside libcurl (its 16 KiB request buffer among it), and with an
+        Each keeps its 16 KiB request buffer and ~3 KiB of state inside libcurl, and with an
         app's ``ca_pem`` a copy of the whole trust blob (~220 KiB): up to 128 of them per app
         stayed after a burst for good, 2 MiB, or 30 MiB with ``ca_pem`` (``bench/RESULTS.md``).
         """
