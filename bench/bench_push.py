@@ -302,6 +302,14 @@ def _cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def _loop_sleeps(pid: int) -> int:
+    """How many times the event loop's thread (the process's first) has waited so far."""
+    for line in Path(f"/proc/{pid}/task/{pid}/status").read_text().splitlines():
+        if line.startswith("voluntary_ctxt_switches:"):
+            return int(line.split()[1])
+    return 0
+
+
 def _rss_mib(pid: int) -> float:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmRSS:"):
@@ -345,6 +353,7 @@ class Run:
             command += ["--target", self.args.target, "--app", app]
         sink_pid = self.sink.process.pid if self.sink.process else 0
         before = {pid: _cpu_seconds(pid) for pid in (sink_pid, relay) if pid}
+        sleeps = _loop_sleeps(relay) if relay else 0
         worker = subprocess.Popen(command, stdout=subprocess.PIPE, text=True)
         peak = _peak_rss_mib(worker, relay, self.args.warmup) if relay else 0.0
         out, _ = worker.communicate()
@@ -363,12 +372,18 @@ class Run:
             row["relay_pct"] = 100 * (after[relay] - before[relay]) / total
             row["load_pct"] = 100 * row["cpu_s"] / self.args.seconds
             row["rss_mib"] = peak
+            row["loop_sleeps"] = (_loop_sleeps(relay) - sleeps) / pushes
         else:
             row["client_us"] = 1e6 * row["cpu_s"] / count
             row["client_pct"] = 100 * row["cpu_s"] / self.args.seconds
         self.rows[name] = row
         _print_row(name, row)
         return row
+
+
+# The relay's event loop waits 0.9-1.8 times a push in every phase, saturated or not; in the
+# slow state a first load can fall into (bench/RESULTS.md), under once in fifty pushes.
+SLOW_STATE_SLEEPS = 0.05
 
 
 def _print_row(name: str, row: dict[str, float]) -> None:
@@ -384,6 +399,12 @@ def _print_row(name: str, row: dict[str, float]) -> None:
         + (f"  errors {row['errors']:.0f}" if row["errors"] else ""),
         flush=True,
     )
+    if row.get("loop_sleeps", 1.0) < SLOW_STATE_SLEEPS:
+        print(
+            f"{'':44s} ^ the relay's event loop never slept ({row['loop_sleeps']:.3f} waits a "
+            "push): the slow state a first load can fall into (bench/RESULTS.md)",
+            flush=True,
+        )
 
 
 def _free_port() -> int:
