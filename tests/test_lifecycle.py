@@ -243,8 +243,9 @@ def test_relay_process_cannot_be_dumped_or_read(tmp_path, fake_apns, apns_key):
 
 @pytest.mark.skipif(sys.platform != "linux", reason="SCHED_BATCH and /proc are Linux's")
 async def test_serve_runs_grpcs_threads_behind_the_event_loop(tmp_path, fake_apns, apns_key):
-    """Every thread but the event loop's is on SCHED_BATCH once serving (gRPC's core threads:
-    they then stop preempting the loop on one core); the loop's own thread is untouched."""
+    """Every thread but the event loop's is on SCHED_BATCH at nice 19 once serving (gRPC's core
+    threads: they then stop preempting the loop on one core); the loop's own thread is
+    untouched."""
     serve = await Serve.start(write_config(tmp_path, fake_apns, apns_key), module="relay")
     try:
         line = await serve.wait_for("threads yield to the event loop")
@@ -252,10 +253,13 @@ async def test_serve_runs_grpcs_threads_behind_the_event_loop(tmp_path, fake_apn
         policies = {
             int(tid): os.sched_getscheduler(int(tid)) for tid in os.listdir(f"/proc/{pid}/task")
         }
+        nice = {tid: os.getpriority(os.PRIO_PROCESS, tid) for tid in policies}
         assert policies.pop(pid) == os.SCHED_OTHER  # the main thread runs the event loop
+        assert nice.pop(pid) == os.getpriority(os.PRIO_PROCESS, 0)  # as the test's own
         assert len(policies) >= 3  # gRPC's poller and EventEngine threads at least
         assert set(policies.values()) == {os.SCHED_BATCH}
-        assert line["threads"] == len(policies)
+        assert set(nice.values()) == {19}
+        assert line["threads"] == len(policies) and line["nice"] == 19
         async with RelayClient(f"127.0.0.1:{serve.port}") as client:  # and it still serves
             response = await client.send(request(apns_token()), timeout=10)
         assert response.results[0].outcome == pb.DELIVERED
