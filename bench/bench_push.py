@@ -302,19 +302,21 @@ def _cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def _loop_sleeps(pid: int) -> int:
-    """How many times the event loop's thread (the process's first) has waited so far."""
-    for line in Path(f"/proc/{pid}/task/{pid}/status").read_text().splitlines():
-        if line.startswith("voluntary_ctxt_switches:"):
+def _status(path: str, field: str) -> int:
+    """A number from a ``/proc`` status file (its first word after ``field:``), 0 if absent."""
+    for line in Path(path).read_text().splitlines():
+        if line.startswith(field + ":"):
             return int(line.split()[1])
     return 0
 
 
+def _loop_sleeps(pid: int) -> int:
+    """How many times the event loop's thread (the process's first) has waited so far."""
+    return _status(f"/proc/{pid}/task/{pid}/status", "voluntary_ctxt_switches")
+
+
 def _rss_mib(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    return 0.0
+    return _status(f"/proc/{pid}/status", "VmRSS") / 1024
 
 
 def _peak_rss_mib(worker: subprocess.Popen[str], pid: int, warmup: float) -> float:
