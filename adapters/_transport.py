@@ -142,6 +142,28 @@ class Response:
         return None
 
 
+class _Pending(asyncio.Future[Response]):
+    """A request's answer to come. Cancelled (its caller gave up), it takes its transfer out of
+    libcurl at once, which resets the stream and frees the slot. It lets go of the transfer once
+    settled: the two point at each other only while the request runs, so neither ever waits
+    for the cyclic garbage collector."""
+
+    __slots__ = ("engine", "transfer")
+
+    def __init__(self, transfer: _Transfer, engine: _Engine) -> None:
+        super().__init__(loop=engine.loop)
+        self.transfer: _Transfer | None = transfer
+        self.engine = engine
+
+    def cancel(self, msg: object = None) -> bool:
+        if not super().cancel(msg):
+            return False
+        transfer, self.transfer = self.transfer, None
+        if transfer is not None and transfer.future is self and self.engine.stop(transfer):
+            self.engine.release(transfer)
+        return True
+
+
 class _Transfer:
     """One easy handle, reused request after request, and what its current caller waits on."""
 
@@ -149,22 +171,26 @@ class _Transfer:
 
     def __init__(self, curl: pycurl.Curl) -> None:
         self.curl = curl
-        self.future: asyncio.Future[Response] | None = None
+        self.future: _Pending | None = None
         self.lines: list[bytes] = []
         self.body: list[bytes] = []
         self.reset()
 
-    def begin(self, loop: asyncio.AbstractEventLoop) -> asyncio.Future[Response]:
-        self.future = loop.create_future()
+    def begin(self, engine: _Engine) -> _Pending:
+        self.future = _Pending(self, engine)
         return self.future
 
     def succeed(self, response: Response) -> None:
-        if self.future is not None and not self.future.done():
-            self.future.set_result(response)
+        future = self.future
+        if future is not None and not future.done():
+            future.set_result(response)
+            future.transfer = None
 
     def fail(self, error: TransportError) -> None:
-        if self.future is not None and not self.future.done():
-            self.future.set_exception(error)
+        future = self.future
+        if future is not None and not future.done():
+            future.set_exception(error)
+            future.transfer = None
 
     def reset(self) -> None:
         # Fresh lists per request: a Response keeps the ones it was built from.
@@ -188,7 +214,7 @@ class _Engine:
         release: Callable[[_Transfer], None],
     ) -> None:
         self.generation = generation
-        self._release = release
+        self.release = release
         self.loop = asyncio.get_running_loop()
         self.multi = pycurl.CurlMulti()
         self.multi.setopt(pycurl.M_SOCKETFUNCTION, self._on_socket)
@@ -234,7 +260,7 @@ class _Engine:
             transfer.fail(TransportError("Closed"))
             self.active.pop(transfer.curl)
             self.multi.remove_handle(transfer.curl)
-            self._release(transfer)
+            self.release(transfer)
         for handle in (self._timer, self._pump):
             if handle is not None:
                 handle.cancel()
@@ -425,7 +451,7 @@ class _Engine:
             self._failures += 1
             transfer.fail(_error(code))
         self.stop(transfer)
-        self._release(transfer)
+        self.release(transfer)
 
     def _unwatch(self, fd: int) -> None:
         what = self._watched.pop(fd, 0)
@@ -467,10 +493,15 @@ class Transport:
         """Bumped by :meth:`retire`: requests from here on ride new connections."""
         return self._engine.generation
 
-    async def request(
+    def request(
         self, url: str, headers: Sequence[bytes], body: bytes, *, fresh_connection: bool = False
-    ) -> Response:
-        """POST ``body`` to ``url`` (https) with ``headers`` (``b"name: value"`` lines).
+    ) -> asyncio.Future[Response]:
+        """POST ``body`` to ``url`` (https) with ``headers`` (``b"name: value"`` lines); await
+        the answer.
+
+        A future, not a coroutine: nothing of the request stays in Python while it is in flight
+        (libcurl has copied the URL, headers and body). Cancelling it resets the stream and
+        frees its slot.
 
         Args:
             fresh_connection: open a new connection for this request instead of reusing one.
@@ -488,14 +519,9 @@ class Transport:
         curl.setopt(pycurl.POSTFIELDS, body)
         curl.setopt(pycurl.FRESH_CONNECT, 1 if fresh_connection else 0)
         engine = self._engine
-        future = transfer.begin(engine.loop)
+        future = transfer.begin(engine)
         engine.start(transfer)
-        try:
-            return await future
-        finally:
-            # Still ours and still running (cancelled): reset the stream, free its slot.
-            if transfer.future is future and engine.stop(transfer):
-                self._release(transfer)
+        return future
 
     def retire(self, response: Response) -> None:
         """The provider said the connections behind ``response`` are done (GOAWAY-like

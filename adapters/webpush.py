@@ -20,6 +20,7 @@ Responses: 2xx → DELIVERED; 404/410 → TOKEN_INVALID; 429 → RATE_LIMITED; 5
 
 from __future__ import annotations
 
+import asyncio
 import email.utils
 import functools
 import logging
@@ -295,10 +296,10 @@ class WebPushAdapter(Adapter[WebPushSettings]):
             )
         return outcome
 
-    async def _post(
+    def _post(
         self, url: str, body: bytes, headers: list[bytes], authorization: str
-    ) -> Response:
-        return await self._transport.request(
+    ) -> asyncio.Future[Response]:
+        return self._transport.request(
             url, [*headers, b"Authorization: " + authorization.encode("ascii")], body
         )
 

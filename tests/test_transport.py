@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -15,7 +16,7 @@ from typing import Any
 import pycurl
 import pytest
 
-from adapters._transport import Transport, TransportError, TransportSettings
+from adapters._transport import Transport, TransportError, TransportSettings, _Transfer
 from relay.testing.credentials import ApnsKey
 from relay.testing.fake_apns import FakeAPNs
 from relay.testing.tls import TestPKI
@@ -192,7 +193,7 @@ def _apns_headers(key: ApnsKey) -> list[bytes]:
 
 async def _waiting_on_one_connection(
     fake: FakeAPNs, transport: Transport, headers: list[bytes], count: int
-) -> list[asyncio.Task[Any]]:
+) -> list[asyncio.Future[Any]]:
     """``count`` requests the fake received and will not answer, on the transport's connection
     (opened and authenticated first by one answered request)."""
     assert (await transport.request(fake.url + PATH, headers, b"{}")).status == 200
@@ -200,7 +201,7 @@ async def _waiting_on_one_connection(
     for token in tokens:
         fake.stall(token)
     waiting = [
-        asyncio.create_task(transport.request(fake.url + "/3/device/" + t, headers, b"{}"))
+        asyncio.ensure_future(transport.request(fake.url + "/3/device/" + t, headers, b"{}"))
         for t in tokens
     ]
     while fake.requests_seen < 1 + count:  # noqa: ASYNC110 (polling a fake)
@@ -236,7 +237,7 @@ async def test_an_answer_runs_its_own_transfer_not_every_one_waiting_beside_it()
             return curl
 
         transport._new_curl = counted  # type: ignore[method-assign]
-        waiting: list[asyncio.Task[Any]] = []
+        waiting: list[asyncio.Future[Any]] = []
         try:
             waiting = await _waiting_on_one_connection(fake, transport, headers, 300)
             await asyncio.sleep(0.05)
@@ -260,7 +261,7 @@ async def test_a_lost_connection_fails_every_transfer_waiting_on_it() -> None:
         try:
             waiting = await _waiting_on_one_connection(fake, transport, headers, 300)
             fake.drop_next()  # the next request cuts the connection
-            cut = asyncio.create_task(transport.request(fake.url + PATH, headers, b"{}"))
+            cut = asyncio.ensure_future(transport.request(fake.url + PATH, headers, b"{}"))
             results = await asyncio.wait_for(
                 asyncio.gather(*waiting, return_exceptions=True), timeout=10
             )
@@ -294,4 +295,25 @@ async def test_idle_handles_no_request_needed_are_closed() -> None:
             assert transport._free == []
             assert (await transport.request(fake.url + PATH, headers, b"{}")).status == 200
         finally:
+            await transport.aclose()
+
+
+async def test_handles_beyond_the_idle_bound_are_freed_without_the_garbage_collector() -> None:
+    """A burst wider than the idle bound closes the extra handles as they finish; nothing of
+    theirs may wait for the cyclic garbage collector (a request's future and its transfer point
+    at each other while it runs)."""
+    key = ApnsKey.generate()
+    headers = _apns_headers(key)
+    async with FakeAPNs(keys=[key], record=False) as fake:
+        transport = Transport(TransportSettings(ca_pem=fake.ca_pem))
+        gc.disable()
+        try:
+            burst = [transport.request(fake.url + PATH, headers, b"{}") for _ in range(300)]
+            assert [r.status for r in await asyncio.gather(*burst)] == [200] * 300
+            del burst
+            left = [o for o in gc.get_objects() if isinstance(o, _Transfer)]
+            assert len(transport._free) == 128
+            assert len(left) == 128, "closed handles kept alive by a reference cycle"
+        finally:
+            gc.enable()
             await transport.aclose()
