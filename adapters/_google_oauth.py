@@ -148,6 +148,12 @@ class TokenSource:
         self._token: _Token | None = None
         self._refresh: asyncio.Task[_Token] | None = None
 
+    def fresh(self) -> str | None:
+        """The current token while it needs no refresh, else None (then ``await get()``): the
+        common case without a coroutine, as it is asked for every push."""
+        token = self._token
+        return token.value if token is not None and self._clock() < token.refresh_at else None
+
     async def get(self) -> str:
         """A usable access token, refreshing first when it is due.
 

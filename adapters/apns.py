@@ -96,22 +96,30 @@ class ProviderToken:
         self._key, self._key_id, self._team_id = key, key_id, team_id
         self.wall_clock: Callable[[], float] = time.time
         self._header = ""
+        self._line = b""
         self._minted_at = 0.0
 
     def get_header(self) -> str:
-        if not self._header or time.monotonic() - self._minted_at >= self.TOKEN_TTL:
-            self._mint()
+        """The ``authorization`` value: ``bearer <JWT>``."""
+        self.get_line()
         return self._header
 
-    def refresh(self, rejected: str) -> None:
-        """Mint a new token unless another send already replaced ``rejected``."""
-        if self._header == rejected:
+    def get_line(self) -> bytes:
+        """The whole ``authorization`` header line, built once per token, not per push."""
+        if not self._header or time.monotonic() - self._minted_at >= self.TOKEN_TTL:
+            self._mint()
+        return self._line
+
+    def refresh(self, rejected: bytes) -> None:
+        """Mint a new token unless another send already replaced ``rejected`` (a line)."""
+        if self._line == rejected:
             self._mint()
 
     def _mint(self) -> None:
         claims = {"iss": self._team_id, "iat": int(self.wall_clock())}
         token = jwt.encode(claims, self._key, algorithm="ES256", headers={"kid": self._key_id})
         self._header = f"bearer {token}"
+        self._line = b"authorization: " + self._header.encode("ascii")
         self._minted_at = time.monotonic()
 
 
@@ -208,36 +216,33 @@ class ApnsAdapter(Adapter[ApnsSettings]):
             return Outcome(Verdict.REJECTED, "VoipOnlyApp" if self._settings.voip else "NotVoipApp")
         apns_id = _apns_id(push.push_id)
         body = payload_bytes(push)
-        response = await self._send_once(push, apns_id, body)
-        if response.status == 403 and response.reason in _RETRY_ONCE:
-            fresh = response.reason == "UnrelatedKeyIdInToken"
-            response = await self._send_once(push, apns_id, body, fresh=fresh)
-        return to_outcome(response)
+        fresh = retried = False
+        while True:  # inline, not a coroutine per attempt: this runs per push
+            authorization = self._auth.get_line() if self._auth is not None else b""
+            try:
+                answer = await self._transport.request(
+                    self._base + push.token,
+                    self._headers(push, apns_id, authorization),
+                    body,
+                    fresh_connection=fresh,
+                )
+            except TransportError as exc:
+                return to_outcome(ApnsResponse(0, exc.reason))
+            response = ApnsResponse.of(answer, apns_id)
+            if response.reason == "ExpiredProviderToken" and self._auth is not None:
+                self._auth.refresh(authorization)
+            if response.reason in _RETIRE_CONNECTION:
+                self._transport.retire(answer)
+            if retried or response.status != 403 or response.reason not in _RETRY_ONCE:
+                return to_outcome(response)
+            retried, fresh = True, response.reason == "UnrelatedKeyIdInToken"
 
     async def aclose(self) -> None:
         if not self._closed:
             self._closed = True
             await self._transport.aclose()
 
-    async def _send_once(
-        self, push: Push, apns_id: str, body: bytes, *, fresh: bool = False
-    ) -> ApnsResponse:
-        authorization = self._auth.get_header() if self._auth is not None else ""
-        headers = self._headers(push, apns_id, authorization)
-        try:
-            answer = await self._transport.request(
-                self._base + push.token, headers, body, fresh_connection=fresh
-            )
-        except TransportError as exc:
-            return ApnsResponse(0, exc.reason)
-        response = ApnsResponse.of(answer, apns_id)
-        if response.reason == "ExpiredProviderToken" and self._auth is not None:
-            self._auth.refresh(authorization)
-        if response.reason in _RETIRE_CONNECTION:
-            self._transport.retire(answer)
-        return response
-
-    def _headers(self, push: Push, apns_id: str, authorization: str) -> list[bytes]:
+    def _headers(self, push: Push, apns_id: str, authorization: bytes) -> list[bytes]:
         headers = [
             b"apns-id: " + apns_id.encode("ascii"),
             *self._kind_headers(push),
@@ -247,7 +252,7 @@ class ApnsAdapter(Adapter[ApnsSettings]):
         if push.collapse_key:
             headers.append(b"apns-collapse-id: " + push.collapse_key.encode())
         if authorization:
-            headers.append(b"authorization: " + authorization.encode("ascii"))
+            headers.append(authorization)
         return headers
 
     def _kind_headers(self, push: Push) -> tuple[bytes, bytes, bytes]:

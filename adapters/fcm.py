@@ -141,6 +141,7 @@ class FcmAdapter(Adapter[FcmSettings]):
             refresh_margin_seconds=settings.token_refresh_margin_seconds,
             clock=clock,
         )
+        self._auth_token, self._auth_line = "", b""
 
     @classmethod
     async def create(
@@ -187,14 +188,18 @@ class FcmAdapter(Adapter[FcmSettings]):
             return Outcome.unavailable("AdapterClosed", retryable=False)
         body = _body(push)
         try:
-            answer = await self._post(body)
-            if answer.oauth_refused:
-                answer = await self._post(body)  # _post has dropped the refused token
-                if answer.oauth_refused:
-                    log.warning(
-                        "fcm refused a fresh access token",
-                        extra={"app": self._app_id, "reason": answer.reason},
-                    )
+            for _ in range(2):  # a 401 on our access token: drop it, fetch one, send once more
+                token = self._tokens.fresh() or await self._tokens.get()
+                headers = (self._authorization(token), _CONTENT_TYPE, b"Accept:")
+                answer = _Answer.of(await self._transport.request(self._url, headers, body))
+                if not answer.oauth_refused:
+                    break
+                self._tokens.invalidate(token)
+            else:
+                log.warning(
+                    "fcm refused a fresh access token",
+                    extra={"app": self._app_id, "reason": answer.reason},
+                )
         except OAuthError as exc:
             verdict = Verdict.UNAVAILABLE if exc.retryable else Verdict.REJECTED
             return Outcome(verdict, exc.reason, retryable=exc.retryable)
@@ -214,14 +219,12 @@ class FcmAdapter(Adapter[FcmSettings]):
         if self._owns_transport:
             await self._transport.aclose()
 
-    async def _post(self, body: bytes) -> _Answer:
-        token = await self._tokens.get()
-        headers = (b"authorization: Bearer " + token.encode("ascii"), _CONTENT_TYPE, b"Accept:")
-        response = await self._transport.request(self._url, headers, body)
-        answer = _Answer.of(response)
-        if answer.oauth_refused:
-            self._tokens.invalidate(token)
-        return answer
+    def _authorization(self, token: str) -> bytes:
+        """The header line for ``token``, built once per token rather than per push."""
+        if token != self._auth_token:
+            self._auth_token = token
+            self._auth_line = b"authorization: Bearer " + token.encode("ascii")
+        return self._auth_line
 
 
 def _classify(answer: _Answer) -> Outcome:

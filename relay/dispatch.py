@@ -105,40 +105,35 @@ class AppRuntime:
             self._log_push(push, outcome, 0, started)
             return outcome
         async with self._slots:
-            outcome = await self._attempt(push, permit)
-            self.budget.earn()
-            attempts = 1
-            for attempt in range(1, MAX_ATTEMPTS):
-                pause = _backoff(attempt, outcome)
-                if not outcome.retryable or _left(deadline) <= pause or not self.budget.spend():
+            attempts = 0
+            while True:  # the attempt is inline, not a coroutine of its own: it runs per push
+                attempts += 1
+                begun = time.perf_counter()
+                failed = True  # cancelled at the deadline: the provider did not answer in time
+                try:
+                    outcome = await self.adapter.send(push)
+                    failed = is_transient(outcome)
+                except Exception as exc:  # an adapter bug must cost one device, not the request
+                    failed = False  # not the provider's failure
+                    self._log_failure(push, exc)
+                    outcome = Outcome.unavailable("InternalError", retryable=False)
+                finally:
+                    self.breaker.record(permit, failed)
+                    self._duration.observe(time.perf_counter() - begun)
+                if attempts == 1:
+                    self.budget.earn()
+                if attempts == MAX_ATTEMPTS or not outcome.retryable:
+                    break
+                pause = _backoff(attempts, outcome)
+                if _left(deadline) <= pause or not self.budget.spend():
                     break
                 await asyncio.sleep(pause)
                 permit = self.breaker.allow()
                 if permit is Permit.REFUSED:
                     break  # the circuit opened meanwhile: the last answer stands
                 self._metrics.provider_retries.labels(platform=self.platform).inc()
-                outcome = await self._attempt(push, permit)
-                attempts += 1
         self._log_push(push, outcome, attempts, started)
         return outcome
-
-    async def _attempt(self, push: Push, permit: Permit) -> Outcome:
-        started = time.perf_counter()
-        failed = True  # cancelled at the deadline: the provider did not answer in time
-        try:
-            outcome = await self.adapter.send(push)
-            failed = is_transient(outcome)
-            return outcome
-        except asyncio.CancelledError:
-            raise
-        except Exception as exc:  # an adapter bug must cost one device, not the request
-            failed = False  # not the provider's failure
-            self._log_failure(push, exc)
-            return Outcome.unavailable("InternalError", retryable=False)
-        finally:
-            self.breaker.record(permit, failed)
-            elapsed = time.perf_counter() - started
-            self._duration.observe(elapsed)
 
     def _log_push(self, push: Push, outcome: Outcome, attempts: int, started: float) -> None:
         # One line per device, at DEBUG: the token only as its keyed fingerprint, the provider's

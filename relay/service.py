@@ -160,8 +160,7 @@ class RelayService(relay_pb2_grpc.PushRelayServicer):
                 await snap.gate.enter(snap.limits.max_inflight_requests)
                 task = asyncio.create_task(self._answer_one(request, context, answers))
                 tasks.add(task)
-                task.add_done_callback(tasks.discard)
-                task.add_done_callback(functools.partial(_release, slots, snap.gate))
+                task.add_done_callback(functools.partial(_request_done, tasks, slots, snap.gate))
             if tasks:
                 await asyncio.gather(*tasks)
         finally:
@@ -196,11 +195,27 @@ class RelayService(relay_pb2_grpc.PushRelayServicer):
         self, snap: Snapshot, request: pb.SendRequest, message: Message, deadline: float
     ) -> list[pb.DeviceResult]:
         requested = requested_privacy(request.notification)
-        rendered: dict[tuple[str, Privacy], Push] = {}
-        jobs = [_job(snap, device, message, requested, rendered) for device in request.devices]
-        if len(jobs) == 1:  # most requests: no task of its own, no wait set
-            outcomes = [await _settle_one(snap, jobs[0], deadline)]
+        if len(request.devices) == 1:  # most requests: no task of its own, no wait set
+            job = _job(snap, request.devices[0], message, requested, None)
+            jobs = [job]
+            outcomes = [job.immediate or RENDER_FAILED]
+            if job.push is not None:
+                # Awaited in the request's own task (inline, not a coroutine of its own: this
+                # runs per push), cut off at the deadline; counted in flight as _tracked does.
+                inflight = snap.metrics.inflight
+                inflight.inc()
+                try:
+                    async with asyncio.timeout_at(deadline):
+                        outcomes[0] = await job.runtime.deliver(job.push, deadline)
+                except TimeoutError:
+                    outcomes[0] = DEADLINE_EXCEEDED
+                except Exception:  # as _finished: a bug costs this device, never the request
+                    outcomes[0] = Outcome.unavailable("InternalError")
+                finally:
+                    inflight.dec()
         else:
+            rendered: dict[tuple[str, Privacy], Push] = {}
+            jobs = [_job(snap, device, message, requested, rendered) for device in request.devices]
             outcomes = await self._settle_many(snap, jobs, deadline)
         results = []
         for job, outcome in zip(jobs, outcomes, strict=True):
@@ -227,23 +242,6 @@ class RelayService(relay_pb2_grpc.PushRelayServicer):
         return task
 
 
-async def _settle_one(snap: Snapshot, job: _Job, deadline: float) -> Outcome:
-    """One device's outcome, awaited in the request's own task, cut off at the deadline."""
-    if job.immediate is not None or job.push is None:
-        return job.immediate or RENDER_FAILED
-    inflight = snap.metrics.inflight  # as _tracked counts it, without a coroutine of its own
-    inflight.inc()
-    try:
-        async with asyncio.timeout_at(deadline):
-            return await job.runtime.deliver(job.push, deadline)
-    except TimeoutError:
-        return DEADLINE_EXCEEDED
-    except Exception:  # as _finished: a bug costs this device, never the request
-        return Outcome.unavailable("InternalError")
-    finally:
-        inflight.dec()
-
-
 async def _tracked(metrics: Metrics, work: collections.abc.Awaitable[Outcome]) -> Outcome:
     metrics.inflight.inc()
     try:
@@ -252,7 +250,13 @@ async def _tracked(metrics: Metrics, work: collections.abc.Awaitable[Outcome]) -
         metrics.inflight.dec()
 
 
-def _release(slots: asyncio.Semaphore, gate: InflightGate, _: object) -> None:
+def _request_done(
+    tasks: set[asyncio.Task[None]],
+    slots: asyncio.Semaphore,
+    gate: InflightGate,
+    task: asyncio.Task[None],
+) -> None:
+    tasks.discard(task)
     slots.release()
     gate.leave()
 
@@ -275,7 +279,7 @@ def _job(
     device: pb.Device,
     message: Message,
     requested: Privacy | None,
-    rendered: dict[tuple[str, Privacy], Push],
+    rendered: dict[tuple[str, Privacy], Push] | None,
 ) -> _Job:
     runtime = snap.apps[device.app_id]
     keys = device_keys(device)
@@ -286,7 +290,7 @@ def _job(
         # A request's devices on one platform in one mode get the same payload: it is rendered
         # once and only the device's own fields change. ENCRYPTED is sealed to each device's
         # keys, so it is rendered per device.
-        template = rendered.get((platform, privacy))
+        template = rendered.get((platform, privacy)) if rendered is not None else None
         if template is not None:
             push = dataclasses.replace(template, token=device.token, keys=keys, push_id=_push_id())
         else:
@@ -299,7 +303,7 @@ def _job(
                 grouping=snap.grouping,
                 push_id=_push_id(),
             )
-            if privacy is not Privacy.ENCRYPTED:
+            if rendered is not None and privacy is not Privacy.ENCRYPTED:
                 rendered[platform, privacy] = push
     except Exception as exc:  # a rendering bug costs this device, never the request
         log.error("render failed", extra={"app": runtime.app.id, "error": type(exc).__name__})
