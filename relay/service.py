@@ -25,6 +25,7 @@ from pushrelay.v1 import relay_pb2 as pb
 from pushrelay.v1 import relay_pb2_grpc
 from relay.auth import Authenticator, check_apps, current_caller
 from relay.config import AppConfig, Limits
+from relay.cutoffs import Cutoffs
 from relay.dispatch import AppRuntime
 from relay.errors import Draining, RelayError, status_for
 from relay.limits import InflightGate, RateLimited, RateLimiter, check_size
@@ -115,6 +116,7 @@ class RelayService(relay_pb2_grpc.PushRelayServicer):
         self._current = current
         self._draining = draining
         self._stragglers: set[asyncio.Task[Outcome]] = set()
+        self._cutoffs = Cutoffs()  # the deadlines of one-device requests, by few-ms grains
 
     async def Send(self, request: pb.SendRequest, context: Context) -> pb.SendResponse:
         snap = self._current()
@@ -201,17 +203,23 @@ class RelayService(relay_pb2_grpc.PushRelayServicer):
             outcomes = [job.immediate or RENDER_FAILED]
             if job.push is not None:
                 # Awaited in the request's own task (inline, not a coroutine of its own: this
-                # runs per push), cut off at the deadline; counted in flight as _tracked does.
+                # runs per push), cut off at the deadline by a timer it shares with the requests
+                # due in the same few milliseconds; counted in flight as _tracked does.
+                task = asyncio.current_task()
+                assert task is not None
+                cutoff = self._cutoffs.arm(task, deadline)
                 inflight = snap.metrics.inflight
                 inflight.inc()
                 try:
-                    async with asyncio.timeout_at(deadline):
-                        outcomes[0] = await job.runtime.deliver(job.push, deadline)
-                except TimeoutError:
+                    outcomes[0] = await job.runtime.deliver(job.push, deadline)
+                except asyncio.CancelledError:
+                    if not cutoff.expired(task):
+                        raise  # the call itself was cancelled
                     outcomes[0] = DEADLINE_EXCEEDED
                 except Exception:  # as _finished: a bug costs this device, never the request
                     outcomes[0] = Outcome.unavailable("InternalError")
                 finally:
+                    cutoff.leave(task)
                     inflight.dec()
         else:
             rendered: dict[tuple[str, Privacy], Push] = {}
