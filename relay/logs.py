@@ -66,10 +66,12 @@ def setup_logging(level: str = "info", *, stream: TextIO | None = None) -> None:
     The CLI calls this; library users don't. Protocol libraries (:data:`QUIET_LOGGERS`) stay at
     WARNING whatever ``level`` says.
     """
+    global _handler
     handler = logging.StreamHandler(stream or sys.stdout)
     handler.setFormatter(JsonFormatter())
     root = logging.getLogger()
     root.handlers[:] = [handler]
+    _handler = handler
     root.setLevel(level.upper())
     for name in QUIET_LOGGERS:
         logging.getLogger(name).setLevel(logging.WARNING)
@@ -78,6 +80,61 @@ def setup_logging(level: str = "info", *, stream: TextIO | None = None) -> None:
     # "Optimization" switches skip collecting them for every record (a stack walk each).
     logging._srcfile = None
     logging.logThreads = logging.logProcesses = logging.logMultiprocessing = False
+
+
+def info_line(logger: logging.Logger, msg: str, fields: dict[str, Any]) -> None:
+    """``logger.info(msg, extra=fields)`` for the line written for every request, at a fraction
+    of its cost: when :func:`setup_logging`'s handler is the only place the record would go, the
+    line is encoded and written straight to it, as :class:`JsonFormatter` would have written it.
+
+    The logging module's own path (a ``LogRecord``, the handler chain, the formatter's pass over
+    every record attribute) cost ~30 µs a request in the serving loop, a tenth of a push
+    (``bench/RESULTS.md``). Anything else that would see the record (another handler, a filter,
+    another formatter, pytest's ``caplog``) gets it the usual way. ``fields`` must hold plain
+    values only (str, int, float, bool, None, lists and dicts of them).
+    """
+    if not logger.isEnabledFor(logging.INFO):
+        return
+    handler = _handler
+    if handler is None or not _only_to(logger, handler):
+        logger.info(msg, extra=fields)
+        return
+    line = _encode(
+        {"ts": round(time.time(), 3), "level": "info", "logger": logger.name, "msg": msg, **fields}
+    )
+    handler.acquire()
+    try:
+        handler.stream.write(line + handler.terminator)
+        handler.flush()
+        return
+    except Exception:
+        pass
+    finally:
+        handler.release()
+    logger.info(msg, extra=fields)
+
+
+def _only_to(logger: logging.Logger, handler: logging.StreamHandler[TextIO]) -> bool:
+    """Whether an INFO record from ``logger`` would reach ``handler`` alone, unfiltered and
+    formatted by a plain :class:`JsonFormatter` (the walk ``Logger.callHandlers`` makes)."""
+    if logger.filters or logger.disabled or handler.filters or handler.level > logging.INFO:
+        return False
+    if type(handler.formatter) is not JsonFormatter:
+        return False
+    current: logging.Logger | None = logger
+    reached = False
+    while current is not None:
+        for other in current.handlers:
+            if other is not handler:
+                return False
+            reached = True
+        if not current.propagate:
+            break
+        current = current.parent
+    return reached
+
+
+_handler: logging.StreamHandler[TextIO] | None = None  # the one setup_logging installed
 
 
 class Fingerprints:

@@ -29,6 +29,7 @@ from relay.cutoffs import Cutoffs
 from relay.dispatch import AppRuntime
 from relay.errors import Draining, RelayError, status_for
 from relay.limits import InflightGate, RateLimited, RateLimiter, check_size
+from relay.logs import info_line
 from relay.metrics import Metrics
 from relay.model import Message, Privacy
 from relay.render import GroupingKeys, effective_privacy, render
@@ -399,9 +400,10 @@ def _log_request(
         by_outcome[name] = by_outcome.get(name, 0) + 1
         outcomes[name] = outcomes.get(name, 0) + 1
         platforms[platform] = platforms.get(platform, 0) + 1
-    log.info(
+    info_line(
+        log,
         "request",
-        extra={
+        {
             "method": method,
             "request_id": request.request_id,
             "kind": _KIND_NAMES.get(request.notification.kind, "unknown"),

@@ -602,3 +602,50 @@ def test_fingerprints_are_keyed() -> None:
         assert logs.fingerprint(token) == logs.Fingerprints(b"k" * 32).of(token) != before
     finally:
         logs.use_fingerprint_key(b"")
+
+
+def test_the_request_line_written_directly_is_the_formatters_line(
+    debug_logs: io.StringIO, caplog: pytest.LogCaptureFixture
+) -> None:
+    """``info_line`` writes straight to the relay's handler only when nothing else would see the
+    record, and then writes exactly what the logging module's path writes."""
+    logger = logging.getLogger("relay.service")
+    fields: dict[str, Any] = {
+        "method": "SendStream",
+        "request_id": 'req-é"\\\n1',
+        "devices": 2,
+        "outcomes": {"DELIVERED": 1, "TOKEN_INVALID": 1},
+        "counts": {"apns": {"DELIVERED": 1}, "fcm": {"TOKEN_INVALID": 1}},
+        "duration_ms": 12.34,
+        "flags": [True, None],
+    }
+    root = logging.getLogger()
+    others = [h for h in root.handlers if h is not logs._handler]
+    assert others, "pytest's own handlers: the record must reach them too"
+    root.handlers[:] = [h for h in root.handlers if h is logs._handler]
+    try:
+        logs.info_line(logger, "request", fields)  # the relay's handler alone: direct
+    finally:
+        root.handlers.extend(others)
+    logs.info_line(logger, "request", fields)  # pytest listens too: through logging
+    direct, routed = list(json_lines(debug_logs.getvalue()))[-2:]
+    assert [r.getMessage() for r in caplog.records] == ["request"]  # only the routed one
+    assert direct.pop("ts") <= routed.pop("ts")
+    assert (
+        direct == routed == {"level": "info", "logger": "relay.service", "msg": "request"} | fields
+    )
+
+
+def test_a_filter_on_the_logger_still_applies_to_the_request_line(debug_logs: io.StringIO) -> None:
+    logger = logging.getLogger("relay.service")
+    root = logging.getLogger()
+    others = [h for h in root.handlers if h is not logs._handler]
+    root.handlers[:] = [h for h in root.handlers if h is logs._handler]
+    drop_all = logging.Filter("nothing.matches")
+    logger.addFilter(drop_all)
+    try:
+        logs.info_line(logger, "request", {"request_id": "r1"})
+    finally:
+        logger.removeFilter(drop_all)
+        root.handlers.extend(others)
+    assert debug_logs.getvalue() == ""
