@@ -196,6 +196,9 @@ class _Transfer:
         # Fresh lists per request: a Response keeps the ones it was built from.
         self.future = None
         self.lines, self.body = [], []
+        # pycurl holds the request body (the push's payload) until the option is set again: an
+        # idle handle must not keep the last push it carried alive.
+        self.curl.setopt(pycurl.POSTFIELDS, b"")
         self.curl.setopt(pycurl.HEADERFUNCTION, self.lines.append)
         self.curl.setopt(pycurl.WRITEFUNCTION, self.body.append)
 

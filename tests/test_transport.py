@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import gc
+import sys
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -316,4 +317,21 @@ async def test_handles_beyond_the_idle_bound_are_freed_without_the_garbage_colle
             assert len(left) == 128, "closed handles kept alive by a reference cycle"
         finally:
             gc.enable()
+            await transport.aclose()
+
+
+async def test_an_idle_handle_keeps_no_request_body() -> None:
+    """pycurl holds the body it was given until the option is set again; a handle kept for
+    reuse must not keep the last push's payload (its preview, in FULL) alive meanwhile."""
+    key = ApnsKey.generate()
+    headers = _apns_headers(key)
+    async with FakeAPNs(keys=[key], record=False) as fake:
+        transport = Transport(TransportSettings(ca_pem=fake.ca_pem))
+        try:
+            body = bytes(bytearray(b'{"aps":{"alert":"a preview"}}'))  # its own object
+            before = sys.getrefcount(body)
+            assert (await transport.request(fake.url + PATH, headers, body)).status == 200
+            assert len(transport._free) == 1
+            assert sys.getrefcount(body) == before
+        finally:
             await transport.aclose()
