@@ -502,9 +502,9 @@ class Transport:
         """POST ``body`` to ``url`` (https) with ``headers`` (``b"name: value"`` lines); await
         the answer.
 
-        A future, not a coroutine: nothing of the request stays in Python while it is in flight
-        (libcurl has copied the URL, headers and body). Cancelling it resets the stream and
-        frees its slot.
+        A future, not a coroutine: no frame keeps the request's URL and headers while it is in
+        flight (libcurl has copied them; pycurl holds the body until the transfer ends).
+        Cancelling it resets the stream and frees its slot.
 
         Args:
             fresh_connection: open a new connection for this request instead of reusing one.

@@ -28,6 +28,7 @@ QUIET_LOGGERS = ("hpack", "h2", "httpcore", "httpx", "aioapns", "grpc", "asyncio
 _PLAIN = (str, int, float, bool, type(None), list, dict)
 # Built once: json.dumps with options builds a new encoder for every line.
 _encode = json.JSONEncoder(ensure_ascii=False, default=str).encode
+_handler: logging.StreamHandler[TextIO] | None = None  # the one setup_logging installed
 
 
 class JsonFormatter(logging.Formatter):
@@ -102,16 +103,18 @@ def info_line(logger: logging.Logger, msg: str, fields: dict[str, Any]) -> None:
     line = _encode(
         {"ts": round(time.time(), 3), "level": "info", "logger": logger.name, "msg": msg, **fields}
     )
-    handler.acquire()
+    written = False
+    handler.acquire()  # as Handler.handle holds it around emit
     try:
         handler.stream.write(line + handler.terminator)
         handler.flush()
-        return
-    except Exception:
+        written = True
+    except Exception:  # a broken stream: the logging module's own path reports it, below
         pass
     finally:
         handler.release()
-    logger.info(msg, extra=fields)
+    if not written:
+        logger.info(msg, extra=fields)
 
 
 def _only_to(logger: logging.Logger, handler: logging.StreamHandler[TextIO]) -> bool:
@@ -132,9 +135,6 @@ def _only_to(logger: logging.Logger, handler: logging.StreamHandler[TextIO]) -> 
             break
         current = current.parent
     return reached
-
-
-_handler: logging.StreamHandler[TextIO] | None = None  # the one setup_logging installed
 
 
 class Fingerprints:
