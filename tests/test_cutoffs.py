@@ -27,7 +27,12 @@ def run(request: pytest.FixtureRequest) -> Iterator[Callable[[Awaitable[None]], 
     yield on_loop
 
 
-def _waiter(cutoffs: Cutoffs, blocker: asyncio.Future[None]) -> Waiter:
+def _waiting() -> tuple[Cutoffs, asyncio.Future[None], Waiter]:
+    """Fresh cutoffs, a future that stands for the provider's answer, and a wait on it that the
+    cutoffs cut off: it says ``answered`` or ``deadline``."""
+    cutoffs = Cutoffs()
+    blocker: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
     async def wait(deadline: float) -> str:
         task = asyncio.current_task()
         assert task is not None
@@ -42,16 +47,14 @@ def _waiter(cutoffs: Cutoffs, blocker: asyncio.Future[None]) -> Waiter:
         finally:
             cutoff.leave(task)
 
-    return wait
+    return cutoffs, blocker, wait
 
 
 def test_waits_past_their_deadline_are_cut_off_by_one_timer_per_grain(run: Callable) -> None:
     async def main() -> None:
         loop = asyncio.get_running_loop()
-        cutoffs = Cutoffs()
-        never: asyncio.Future[None] = loop.create_future()
+        cutoffs, _, wait = _waiting()
         deadline = (int(loop.time() / GRAIN_SECONDS) + 10) * GRAIN_SECONDS + GRAIN_SECONDS / 2
-        wait = _waiter(cutoffs, never)
         tasks = [asyncio.create_task(wait(deadline + i * GRAIN_SECONDS / 100)) for i in range(40)]
         await asyncio.sleep(0)
         assert len(cutoffs) == 1  # forty deadlines in one grain: one timer
@@ -67,9 +70,7 @@ def test_waits_past_their_deadline_are_cut_off_by_one_timer_per_grain(run: Calla
 def test_waits_that_end_in_time_leave_no_timer_behind(run: Callable) -> None:
     async def main() -> None:
         loop = asyncio.get_running_loop()
-        cutoffs = Cutoffs()
-        answer: asyncio.Future[None] = loop.create_future()
-        wait = _waiter(cutoffs, answer)
+        cutoffs, answer, wait = _waiting()
         tasks = [asyncio.create_task(wait(loop.time() + 1 + i * 0.1)) for i in range(30)]
         await asyncio.sleep(0)
         assert len(cutoffs) == 30  # thirty grains apart: thirty timers
@@ -83,9 +84,7 @@ def test_waits_that_end_in_time_leave_no_timer_behind(run: Callable) -> None:
 def test_a_cancel_from_elsewhere_is_not_taken_for_the_deadline(run: Callable) -> None:
     async def main() -> None:
         loop = asyncio.get_running_loop()
-        cutoffs = Cutoffs()
-        never: asyncio.Future[None] = loop.create_future()
-        wait = _waiter(cutoffs, never)
+        cutoffs, _, wait = _waiting()
         # Cancelled long before its deadline.
         early = asyncio.create_task(wait(loop.time() + 60))
         # Cancelled by its caller at the very moment the deadline cuts it off too.
@@ -107,9 +106,8 @@ def test_a_cancel_from_elsewhere_is_not_taken_for_the_deadline(run: Callable) ->
 def test_a_deadline_already_past_cuts_off_at_once(run: Callable) -> None:
     async def main() -> None:
         loop = asyncio.get_running_loop()
-        cutoffs = Cutoffs()
-        never: asyncio.Future[None] = loop.create_future()
-        assert await asyncio.wait_for(_waiter(cutoffs, never)(loop.time() - 1), 5) == "deadline"
+        cutoffs, _, wait = _waiting()
+        assert await asyncio.wait_for(wait(loop.time() - 1), 5) == "deadline"
         assert len(cutoffs) == 0
 
     run(main())
