@@ -233,18 +233,15 @@ def _threads_yield_to_the_loop() -> None:
     """Put every thread of the process but this one (the event loop's) on ``SCHED_BATCH``, at
     the lowest priority (nice 19).
 
-    gRPC's core runs threads of its own (EventEngine pollers, grpc.aio's completion-queue
-    poller, timers); on one core each of their wake-ups preempted the event loop: 13 context
-    switches a push through ``SendStream``, 17 through ``Send`` (``bench/RESULTS.md``). On
-    ``SCHED_BATCH`` a waking thread does not preempt the running one: they run when the loop
-    waits or its time slice ends, and handle together what came in meanwhile (about 5 and 3
-    switches a push, and ~15 % less CPU a push). Yet one load in five after start-up still had
-    them preempting the loop ~11,000 times a second, which then never slept, at 15-20 % more
-    CPU a push until the load ended; on no policy at all, 10 loads of 10 did; at nice 19 as
-    well, none of 13. Unlike ``SCHED_IDLE`` (measured too) they keep a share of the CPU,
-    so a busy machine never starves them: ``SCHED_IDLE`` let latency and RSS climb in the soak,
-    nice 19 did not. Threads they start later inherit both. Where the system refuses (a
-    sandbox) nothing else changes.
+    The gRPC server and the provider transport both run on the event loop's thread; the
+    others are uvloop's workers (name resolution). When the server was grpcio's, its C core
+    ran threads of its own whose every wake-up preempted the loop on one core (13 context
+    switches a push through ``SendStream``); on ``SCHED_BATCH`` at nice 19 a waking thread
+    does not preempt the running one: it runs when the loop waits or its time slice ends
+    (``bench/RESULTS.md``, 2026-12-04). Kept for the threads that remain: a burst of lookups
+    never takes the core from the loop. Unlike ``SCHED_IDLE`` they keep a share of the CPU,
+    so a busy machine never starves them. Threads they start later inherit both. Where the
+    system refuses (a sandbox) nothing else changes.
     """
     loop_thread = threading.get_native_id()
     changed = 0

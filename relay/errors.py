@@ -14,7 +14,7 @@ value a caller sent, since that value may be personal data.
 
 from __future__ import annotations
 
-import grpc
+from grpclib.const import Status
 
 
 class RelayError(Exception):
@@ -47,16 +47,16 @@ class Draining(RelayError):
     """The server is shutting down and takes no new work."""
 
 
-_STATUS: dict[type[RelayError], grpc.StatusCode] = {
-    InvalidArgument: grpc.StatusCode.INVALID_ARGUMENT,
-    Unauthenticated: grpc.StatusCode.UNAUTHENTICATED,
-    PermissionDenied: grpc.StatusCode.PERMISSION_DENIED,
-    ResourceExhausted: grpc.StatusCode.RESOURCE_EXHAUSTED,
-    Draining: grpc.StatusCode.UNAVAILABLE,
+_STATUS: dict[type[RelayError], Status] = {
+    InvalidArgument: Status.INVALID_ARGUMENT,
+    Unauthenticated: Status.UNAUTHENTICATED,
+    PermissionDenied: Status.PERMISSION_DENIED,
+    ResourceExhausted: Status.RESOURCE_EXHAUSTED,
+    Draining: Status.UNAVAILABLE,
 }
 
 
-def status_for(error: RelayError) -> grpc.StatusCode:
+def status_for(error: RelayError) -> Status:
     """The gRPC status code of a whole-request error (a test checks every class is mapped)."""
     for cls in type(error).__mro__:
         if cls in _STATUS:

@@ -22,109 +22,163 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-import types
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any, NoReturn, cast
+from typing import Any, NoReturn
 
-import grpc
 from google.protobuf import any_pb2, descriptor_pb2, descriptor_pool, duration_pb2
 from google.protobuf.message_factory import GetMessageClass
+from grpclib.const import Cardinality, Handler, Status
+from grpclib.exceptions import GRPCError
+from grpclib.server import Stream
 
-from pushrelay.v1 import relay_pb2_grpc
+from pushrelay.v1 import relay_pb2 as pb
 from relay.auth import ANYONE, CALLER, Caller
 from relay.errors import RelayError, status_for
+from relay.ingress import Call, messages, one_message
 from relay.limits import RateLimited
 from relay.metrics import Metrics
-from relay.service import Snapshot
+from relay.service import RelayService, Snapshot
 
 log = logging.getLogger("relay.interceptors")
 
-Context = grpc.aio.ServicerContext[Any, Any]
-Metadata = tuple[tuple[str, str | bytes], ...]
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["PushRelay"].full_name
 
 
 class RelayInterceptor:
     """Wraps PushRelay's handlers; ``current()`` gives the snapshot (clients, limits, metrics).
 
-    The wrapping is done once, when the servicer is registered (:meth:`guard`), rather than by
-    a ``grpc.aio.ServerInterceptor``: gRPC runs an interceptor's coroutines for every call of
-    every service, and the wrapped handler would be rebuilt each time (bench/RESULTS.md).
+    ``ceiling`` is the largest request message read at all (gRPC's own limit: a larger one ends
+    the call with ``RESOURCE_EXHAUSTED`` before any handler runs). ``idle()`` returns once no
+    PushRelay call is running (a graceful stop waits for those, not for health watchers).
     """
 
-    def __init__(self, current: Callable[[], Snapshot]) -> None:
+    def __init__(self, current: Callable[[], Snapshot], ceiling: int) -> None:
         self._current = current
+        self._ceiling = ceiling
+        self._running = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
 
-    def guard(self, servicer: relay_pb2_grpc.PushRelayServicer) -> relay_pb2_grpc.PushRelayServicer:
-        """``servicer`` with both methods wrapped, for ``add_PushRelayServicer_to_server``."""
-        guarded = types.SimpleNamespace(
-            Send=self._unary("Send", cast(Any, servicer.Send)),
-            SendStream=self._stream("SendStream", cast(Any, servicer.SendStream)),
-        )
-        return cast(relay_pb2_grpc.PushRelayServicer, guarded)
+    async def idle(self) -> None:
+        await self._idle.wait()
+
+    def _enter(self) -> None:
+        self._running += 1
+        self._idle.clear()
+
+    def _leave(self) -> None:
+        self._running -= 1
+        if not self._running:
+            self._idle.set()
+
+    def guard(self, servicer: RelayService) -> Any:
+        """``servicer`` with both methods wrapped, as a grpclib service (``__mapping__``)."""
+        send = self._unary("Send", servicer.Send)
+        stream = self._stream("SendStream", servicer.SendStream)
+        request, reply = pb.SendRequest, pb.SendResponse
+        mapping = {
+            f"/{SERVICE_NAME}/Send": Handler(send, Cardinality.UNARY_UNARY, request, reply),
+            f"/{SERVICE_NAME}/SendStream": Handler(
+                stream, Cardinality.STREAM_STREAM, request, reply
+            ),
+        }
+        return _Service(mapping)
 
     def _unary(
-        self, method: str, behavior: Callable[[Any, Context], Awaitable[Any]]
-    ) -> Callable[[Any, Context], Awaitable[Any]]:
-        async def call(request: Any, context: Context) -> Any:
+        self, method: str, behavior: Callable[[Any, Call], Awaitable[Any]]
+    ) -> Callable[[Stream[Any, Any]], Awaitable[None]]:
+        async def call(stream: Stream[Any, Any]) -> None:
+            request = await one_message(stream, self._ceiling)
+            context = Call(stream)
             snap, started = self._current(), time.perf_counter()
-            code: grpc.StatusCode | None = grpc.StatusCode.OK
+            code: Status | None = Status.OK
             caller: Caller | None = None
+            self._enter()
             try:
                 caller = _authenticate(snap, context)
                 snap.rates.check(caller)
                 snap.gate.enter_or_refuse(snap.limits.max_inflight_requests)
                 try:
                     CALLER.set(caller)
-                    return await behavior(request, context)
+                    response = await behavior(request, context)
                 finally:
                     snap.gate.leave()
+                await stream.send_message(response)
             except RelayError as error:
                 code = None  # counted by _refuse: the status leaves before abort returns
                 rid = str(getattr(request, "request_id", ""))
                 await _refuse(context, snap.metrics, method, started, error, caller, rid)
             except BaseException as exc:
-                code = _code_of(exc, context)
+                code = _code_of(exc)
                 raise
             finally:
+                self._leave()
                 if code is not None:
                     _observe(snap.metrics, method, code, started)
 
         return call
 
     def _stream(
-        self, method: str, behavior: Callable[[Any, Context], AsyncIterator[Any]]
-    ) -> Callable[[Any, Context], AsyncIterator[Any]]:
-        async def call(requests: Any, context: Context) -> AsyncIterator[Any]:
+        self, method: str, behavior: Callable[[Any, Call], AsyncIterator[Any]]
+    ) -> Callable[[Stream[Any, Any]], Awaitable[None]]:
+        async def call(stream: Stream[Any, Any]) -> None:
+            context = Call(stream)
             snap, started = self._current(), time.perf_counter()
-            code: grpc.StatusCode | None = grpc.StatusCode.OK
+            code: Status | None = Status.OK
             caller: Caller | None = None
+            self._enter()
             try:
+                # The first request (or the stream's end) is awaited before a refusal: a status
+                # sent before the caller's first message is written makes some clients (grpcio's,
+                # with a request iterator) report a failed write instead of the status.
+                requests = messages(stream, self._ceiling)
+                first = await anext(requests, None)
                 caller = _authenticate(snap, context)
                 CALLER.set(caller)
-                async for answer in behavior(requests, context):
-                    yield answer
+                send = stream.send_message
+                async for answer in behavior(_following(first, requests), context):
+                    await send(answer)
             except RelayError as error:
                 code = None  # counted by _refuse: the status leaves before abort returns
                 await _refuse(context, snap.metrics, method, started, error, caller)
             except BaseException as exc:
-                code = _code_of(exc, context)
+                code = _code_of(exc)
                 raise
             finally:
+                self._leave()
                 if code is not None:
                     _observe(snap.metrics, method, code, started)
 
         return call
 
 
-def _authenticate(snap: Snapshot, context: Context) -> Caller:
+async def _following(first: Any, rest: AsyncIterator[Any]) -> AsyncIterator[Any]:
+    """``first`` (unless the stream ended before it), then ``rest``."""
+    if first is None:
+        return
+    yield first
+    async for message in rest:
+        yield message
+
+
+class _Service:
+    """A grpclib service from a ready mapping of method paths to handlers."""
+
+    def __init__(self, mapping: dict[str, Handler]) -> None:
+        self._mapping = mapping
+
+    def __mapping__(self) -> dict[str, Handler]:
+        return self._mapping
+
+
+def _authenticate(snap: Snapshot, context: Call) -> Caller:
     if snap.auth.open:  # no clients configured: nothing to read from the call
         return ANYONE
-    metadata = cast(Metadata, tuple(context.invocation_metadata() or ()))
-    return snap.auth.authenticate(metadata, context.auth_context())
+    return snap.auth.authenticate(context.invocation_metadata(), context.auth_context())
 
 
 async def _refuse(
-    context: Context,
+    context: Call,
     metrics: Metrics,
     method: str,
     started: float,
@@ -132,8 +186,8 @@ async def _refuse(
     caller: Caller | None,
     request_id: str = "",
 ) -> NoReturn:
-    """Count, log and end the call with ``error``'s status (counted first: once ``abort`` has
-    sent the status, the caller may already be reading the metrics)."""
+    """Count, log and end the call with ``error``'s status (counted first: once the status has
+    left, the caller may already be reading the metrics)."""
     code = status_for(error)
     _observe(metrics, method, code, started)
     log.info(
@@ -145,41 +199,41 @@ async def _refuse(
             "request_id": request_id,  # the caller's correlation id: no personal data by contract
         },
     )
-    trailers = (
-        retry_trailers(code, str(error), error.retry_after_seconds)
-        if isinstance(error, RateLimited)
-        else ()
-    )
-    await context.abort(code, str(error), trailing_metadata=trailers)
+    if isinstance(error, RateLimited):
+        millis = retry_millis(error.retry_after_seconds)
+        await context.abort(
+            code, str(error), retry_status(code, str(error), millis), retry_after_ms=str(millis)
+        )
+    await context.abort(code, str(error))
     raise AssertionError("unreachable: abort raises")  # pragma: no cover
 
 
-def _code_of(exc: BaseException, context: Context) -> grpc.StatusCode:
+def _code_of(exc: BaseException) -> Status:
     if isinstance(exc, asyncio.CancelledError | GeneratorExit):
-        return grpc.StatusCode.CANCELLED
-    if isinstance(exc, grpc.aio.AbortError):  # the servicer aborted with a code of its own
-        code = context.code()
-        return code if isinstance(code, grpc.StatusCode) else grpc.StatusCode.UNKNOWN
-    return grpc.StatusCode.UNKNOWN
+        return Status.CANCELLED
+    if isinstance(exc, GRPCError):  # ended with a code of its own (e.g. gRPC's message ceiling)
+        return exc.status
+    return Status.UNKNOWN
 
 
-def _observe(metrics: Metrics, method: str, code: grpc.StatusCode, started: float) -> None:
+def _observe(metrics: Metrics, method: str, code: Status, started: float) -> None:
     metrics.observe_request(method, code, time.perf_counter() - started)
 
 
 # --- retry info in trailers -----------------------------------------------------------------------
 
 
-def retry_trailers(code: grpc.StatusCode, message: str, seconds: float) -> Metadata:
-    """Trailing metadata telling the caller to retry after ``seconds`` (see the module doc)."""
-    millis = max(1, round(seconds * 1000))
+def retry_millis(seconds: float) -> int:
+    """The retry delay as trailers carry it: whole milliseconds, at least one."""
+    return max(1, round(seconds * 1000))
+
+
+def retry_status(code: Status, message: str, millis: int) -> bytes:
+    """A serialized ``google.rpc.Status`` holding ``google.rpc.RetryInfo`` (see the module doc)."""
     delay = _RetryInfo(retry_delay={"seconds": millis // 1000, "nanos": millis % 1000 * 1_000_000})
     detail = {"type_url": f"type.googleapis.com/{RETRY_INFO}", "value": delay.SerializeToString()}
-    status = _Status(code=code.value[0], message=message, details=[detail])
-    return (
-        ("retry-after-ms", str(millis)),
-        ("grpc-status-details-bin", status.SerializeToString()),
-    )
+    status = _Status(code=code.value, message=message, details=[detail])
+    return bytes(status.SerializeToString())
 
 
 STATUS, RETRY_INFO = "google.rpc.Status", "google.rpc.RetryInfo"

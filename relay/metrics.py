@@ -11,8 +11,8 @@ import logging
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
-import grpc
 from cryptography import x509
+from grpclib.const import Status
 from prometheus_client import (
     CollectorRegistry,
     Counter,
@@ -125,10 +125,10 @@ class Metrics:
         )
         ProcessCollector(registry=r)
         self._push_children: dict[tuple[Kind, str, str, Verdict], tuple[Counter, Counter]] = {}
-        self._request_children: dict[tuple[str, grpc.StatusCode], tuple[Counter, Histogram]] = {}
+        self._request_children: dict[tuple[str, Status], tuple[Counter, Histogram]] = {}
         self._precreate()
 
-    def observe_request(self, method: str, code: grpc.StatusCode, seconds: float) -> None:
+    def observe_request(self, method: str, code: Status, seconds: float) -> None:
         """Count one finished call with its final code and time it; children looked up once."""
         key = (method, code)
         children = self._request_children.get(key)
@@ -189,7 +189,7 @@ class Metrics:
         self.build_info.labels(version=__version__).set(1)
         for method in METHODS:
             self.request_duration.labels(method=method)
-            for code in grpc.StatusCode:
+            for code in Status:
                 self.requests.labels(method=method, code=code.name)
         for platform in self.platforms:
             self.provider_duration.labels(platform=platform)

@@ -17,20 +17,19 @@ import hashlib
 import hmac
 import logging
 import os
+import ssl
 import time
 from collections.abc import Callable, Mapping
 
-import grpc
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
+from grpc_health.v1 import health_pb2
 
 from adapters import ADAPTERS
-from pushrelay.v1 import relay_pb2, relay_pb2_grpc
 from relay.auth import Authenticator
 from relay.config import Config, ConfigError
 from relay.dispatch import AppRuntime, GuardRegistry
 from relay.http import OpsHttpServer
-from relay.interceptors import RelayInterceptor
+from relay.ingress import HEALTH, REFLECTION, Health, Listener, Reflection, server_tls
+from relay.interceptors import SERVICE_NAME, RelayInterceptor
 from relay.limits import Clock, InflightGate, RateLimiter
 from relay.logs import use_fingerprint_key
 from relay.metrics import Metrics
@@ -39,7 +38,6 @@ from relay.service import RelayService, Snapshot
 
 log = logging.getLogger("relay.server")
 
-SERVICE_NAME = relay_pb2.DESCRIPTOR.services_by_name["PushRelay"].full_name
 # gRPC itself refuses a message over this with RESOURCE_EXHAUSTED before any handler runs;
 # below it, the service checks limits.max_request_bytes and answers INVALID_ARGUMENT, counted.
 MAX_MESSAGE_BYTES = 4 << 20
@@ -89,7 +87,7 @@ class RelayServer:
         self.metrics = Metrics(app.platform for app in config.apps.values())
         self.metrics.track_credential_expiry(config.apps.values())
         self.metrics.precreate_apps(config.apps)
-        self.health = health.aio.HealthServicer()
+        self.health = Health()
         self.port = 0
         self.health_port = 0  # of the plaintext health listener, when configured
         self.draining = False
@@ -102,8 +100,8 @@ class RelayServer:
         self._guards = GuardRegistry(self.metrics, clock)  # circuits survive reloads
         self._snapshot: Snapshot | None = None
         self.metrics.track_inflight_requests(lambda: self._gate.count, self._inflight_limit)
-        self._server: grpc.aio.Server | None = None
-        self._health_server: grpc.aio.Server | None = None
+        self._server: Listener | None = None
+        self._health_server: Listener | None = None
         self._retiring: set[asyncio.Task[None]] = set()
 
     @property
@@ -128,17 +126,12 @@ class RelayServer:
         _warn_without_hmac_key(self.config)
         runtimes = await start_apps(self.config, self.metrics, self._guards)
         self._snapshot = self._new_snapshot(self.config, runtimes)
-        server = grpc.aio.server(options=self._options())
         service = RelayService(self.current, lambda: self.draining)
-        guarded = RelayInterceptor(self.current).guard(service)
-        relay_pb2_grpc.add_PushRelayServicer_to_server(guarded, server)
-        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
-        reflection.enable_server_reflection(
-            (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server
-        )
+        relay = RelayInterceptor(self.current, self._ceiling())
+        reflection = Reflection((SERVICE_NAME, HEALTH, REFLECTION))
+        server = Listener([relay.guard(service), self.health, reflection], idle=relay.idle)
         await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
-        self.port = self._bind(server)
-        await server.start()
+        self.port = await server.start(self.config.server.listen, self._tls())
         self._server = server
         await self._start_health_listener()
         await self.ops.start(self.config.server.http_listen)
@@ -174,10 +167,8 @@ class RelayServer:
         address = self.config.server.health_listen
         if not address:
             return
-        server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
-        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
-        self.health_port = int(server.add_insecure_port(address))
-        await server.start()
+        server = Listener([self.health])
+        self.health_port = await server.start(address)
         self._health_server = server
 
     async def reload(self, config: Config) -> None:
@@ -230,27 +221,12 @@ class RelayServer:
             self._health_server = None
         await self.ops.stop()
 
-    def _options(self) -> list[tuple[str, int]]:
-        return [
-            # On by default: a second server would silently share the port.
-            ("grpc.so_reuseport", 0),
-            (
-                "grpc.max_receive_message_length",
-                max(MAX_MESSAGE_BYTES, self.config.limits.max_request_bytes),
-            ),
-        ]
+    def _ceiling(self) -> int:
+        return max(MAX_MESSAGE_BYTES, self.config.limits.max_request_bytes)
 
-    def _bind(self, server: grpc.aio.Server) -> int:
-        address = self.config.server.listen
+    def _tls(self) -> ssl.SSLContext | None:
         tls = self.config.server.tls
-        if tls is None:
-            return int(server.add_insecure_port(address))
-        credentials = grpc.ssl_server_credentials(
-            [(tls.key_pem, tls.cert_pem)],
-            root_certificates=tls.client_ca_pem or None,
-            require_client_auth=bool(tls.client_ca_pem),
-        )
-        return int(server.add_secure_port(address, credentials))
+        return None if tls is None else server_tls(tls.cert_pem, tls.key_pem, tls.client_ca_pem)
 
     def _readiness(self) -> health_pb2.HealthCheckResponse.ServingStatus.ValueType:
         serving = health_pb2.HealthCheckResponse

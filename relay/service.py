@@ -18,16 +18,14 @@ import time
 from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass, field
 
-import grpc
-
 from adapters.base import Outcome, Push, Verdict
 from pushrelay.v1 import relay_pb2 as pb
-from pushrelay.v1 import relay_pb2_grpc
 from relay.auth import Authenticator, check_apps, current_caller
 from relay.config import AppConfig, Limits
 from relay.cutoffs import Cutoffs
 from relay.dispatch import AppRuntime
 from relay.errors import Draining, RelayError, status_for
+from relay.ingress import Call
 from relay.limits import InflightGate, RateLimited, RateLimiter, check_size
 from relay.logs import info_line
 from relay.metrics import Metrics
@@ -37,7 +35,7 @@ from relay.validate import device_keys, requested_privacy, validated
 
 log = logging.getLogger("relay.service")
 
-Context = grpc.aio.ServicerContext[pb.SendRequest, pb.SendResponse]
+Context = Call
 
 DEADLINE_EXCEEDED = Outcome(Verdict.UNAVAILABLE, "DeadlineExceeded")
 RENDER_FAILED = Outcome(Verdict.REJECTED, "RenderFailed")
@@ -104,8 +102,8 @@ class _Job:
     immediate: Outcome | None = None
 
 
-class RelayService(relay_pb2_grpc.PushRelayServicer):
-    """The gRPC servicer; ``current()`` gives the snapshot each request runs on.
+class RelayService:
+    """The PushRelay service; ``current()`` gives the snapshot each request runs on.
 
     It runs behind ``relay.interceptors.RelayInterceptor``, which authenticates the caller and
     turns the :class:`RelayError` raised here into the call's status (and counts it).

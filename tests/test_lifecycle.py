@@ -242,10 +242,9 @@ def test_relay_process_cannot_be_dumped_or_read(tmp_path, fake_apns, apns_key):
 
 
 @pytest.mark.skipif(sys.platform != "linux", reason="SCHED_BATCH and /proc are Linux's")
-async def test_serve_runs_grpcs_threads_behind_the_event_loop(tmp_path, fake_apns, apns_key):
-    """Every thread but the event loop's is on SCHED_BATCH at nice 19 once serving (gRPC's core
-    threads: they then stop preempting the loop on one core); the loop's own thread is
-    untouched."""
+async def test_serve_runs_its_other_threads_behind_the_event_loop(tmp_path, fake_apns, apns_key):
+    """Every thread but the event loop's is on SCHED_BATCH at nice 19 once serving (uvloop's
+    workers: they never preempt the loop on one core); the loop's own thread is untouched."""
     serve = await Serve.start(write_config(tmp_path, fake_apns, apns_key), module="relay")
     try:
         line = await serve.wait_for("threads yield to the event loop")
@@ -256,7 +255,7 @@ async def test_serve_runs_grpcs_threads_behind_the_event_loop(tmp_path, fake_apn
         nice = {tid: os.getpriority(os.PRIO_PROCESS, tid) for tid in policies}
         assert policies.pop(pid) == os.SCHED_OTHER  # the main thread runs the event loop
         assert nice.pop(pid) == os.getpriority(os.PRIO_PROCESS, 0)  # as the test's own
-        assert len(policies) >= 3  # gRPC's poller and EventEngine threads at least
+        assert len(policies) >= 3  # uvloop's worker threads (name resolution)
         assert set(policies.values()) == {os.SCHED_BATCH}
         assert set(nice.values()) == {19}
         assert line["threads"] == len(policies) and line["nice"] == 19
@@ -348,10 +347,11 @@ async def test_serve_keeps_the_heap_lean_and_returns_free_memory_periodically(
 def test_serve_loads_no_http_client_library_beside_libcurl() -> None:
     """Every provider request, the FCM token exchange included, goes through libcurl: httpx and
     its HTTP/2 stack (~4 MiB of RSS) are for the tests and the benchmark, never loaded by the
-    service. aioapns neither."""
+    service. aioapns neither, nor grpcio: its C core (threads of its own, ~10 MiB) serves the
+    client side only; the server is grpclib's (relay/ingress.py)."""
     code = (
         "import sys, relay.cli, relay.server, adapters.apns, adapters.fcm, adapters.webpush\n"
-        "print(sorted(m for m in ('httpx', 'httpcore', 'h11', 'anyio', 'aioapns') "
+        "print(sorted(m for m in ('httpx', 'httpcore', 'h11', 'anyio', 'aioapns', 'grpc') "
         "if m in sys.modules))"
     )
     out = subprocess.run(

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import re
 import secrets
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
@@ -183,6 +184,37 @@ async def test_a_send_over_the_in_flight_cap_is_refused(start: Start, fake_apns:
     assert answer.results[0].outcome == after.results[0].outcome == pb.DELIVERED
     assert requests_counted(relay, "RESOURCE_EXHAUSTED") == 1
     assert requests_counted(relay, "OK") == 2
+
+
+async def test_one_connection_carries_calls_up_to_the_in_flight_cap(
+    start: Start, fake_apns: FakeAPNs
+) -> None:
+    """A caller may run as many calls at once on one connection as the in-flight cap allows
+    (HTTP/2's usual limit of 100 streams would hold the rest back inside the caller), and the
+    cap, not the connection, refuses the next one."""
+    relay = await start(Limits(max_inflight_requests=150))
+    slow = [apns_token() for _ in range(150)]
+    for token in slow:
+        fake_apns.stall(token)
+    async with RelayClient(f"127.0.0.1:{relay.port}", token=TOKEN) as caller:
+        pending = [asyncio.ensure_future(caller.send(request(t), timeout=20)) for t in slow]
+        while in_flight(relay) < len(slow):  # noqa: ASYNC110 (polling the relay's gauge)
+            await asyncio.sleep(0.01)
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await caller.send(request(apns_token()), timeout=10)
+        fake_apns.clear()
+        answers = await asyncio.gather(*pending)
+    assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert {a.results[0].outcome for a in answers} == {pb.DELIVERED}
+
+
+def in_flight(relay: RelayServer) -> float:
+    """The relay's ``pushrelay_inflight_requests``, as /metrics shows it."""
+    match = re.search(
+        r"^pushrelay_inflight_requests (\S+)$", relay.metrics.exposition().decode(), re.M
+    )
+    assert match
+    return float(match[1])
 
 
 async def test_a_stream_waits_for_an_in_flight_slot(start: Start, fake_apns: FakeAPNs) -> None:
