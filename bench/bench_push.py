@@ -310,11 +310,6 @@ def _status(path: str, field: str) -> int:
     return 0
 
 
-def _loop_sleeps(pid: int) -> int:
-    """How many times the event loop's thread (the process's first) has waited so far."""
-    return _status(f"/proc/{pid}/task/{pid}/status", "voluntary_ctxt_switches")
-
-
 def _rss_mib(pid: int) -> float:
     return _status(f"/proc/{pid}/status", "VmRSS") / 1024
 
@@ -355,7 +350,6 @@ class Run:
             command += ["--target", self.args.target, "--app", app]
         sink_pid = self.sink.process.pid if self.sink.process else 0
         before = {pid: _cpu_seconds(pid) for pid in (sink_pid, relay) if pid}
-        sleeps = _loop_sleeps(relay) if relay else 0
         worker = subprocess.Popen(command, stdout=subprocess.PIPE, text=True)
         peak = _peak_rss_mib(worker, relay, self.args.warmup) if relay else 0.0
         out, _ = worker.communicate()
@@ -374,18 +368,12 @@ class Run:
             row["relay_pct"] = 100 * (after[relay] - before[relay]) / total
             row["load_pct"] = 100 * row["cpu_s"] / self.args.seconds
             row["rss_mib"] = peak
-            row["loop_sleeps"] = (_loop_sleeps(relay) - sleeps) / pushes
         else:
             row["client_us"] = 1e6 * row["cpu_s"] / count
             row["client_pct"] = 100 * row["cpu_s"] / self.args.seconds
         self.rows[name] = row
         _print_row(name, row)
         return row
-
-
-# The relay's event loop waits 0.9-1.8 times a push in every phase, saturated or not; in the
-# slow state a first load can fall into (bench/RESULTS.md), under once in fifty pushes.
-SLOW_STATE_SLEEPS = 0.05
 
 
 def _print_row(name: str, row: dict[str, float]) -> None:
@@ -401,12 +389,6 @@ def _print_row(name: str, row: dict[str, float]) -> None:
         + (f"  errors {row['errors']:.0f}" if row["errors"] else ""),
         flush=True,
     )
-    if row.get("loop_sleeps", 1.0) < SLOW_STATE_SLEEPS:
-        print(
-            f"{'':44s} ^ the relay's event loop never slept ({row['loop_sleeps']:.3f} waits a "
-            "push): the slow state a first load can fall into (bench/RESULTS.md)",
-            flush=True,
-        )
 
 
 def _free_port() -> int:

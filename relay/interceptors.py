@@ -82,7 +82,7 @@ class RelayInterceptor:
                 stream, Cardinality.STREAM_STREAM, request, reply
             ),
         }
-        return _Service(mapping)
+        return _Service(mapping, lean=(f"/{SERVICE_NAME}/Send",))
 
     def _unary(
         self, method: str, behavior: Callable[[Any, Call], Awaitable[Any]]
@@ -162,10 +162,12 @@ async def _following(first: Any, rest: AsyncIterator[Any]) -> AsyncIterator[Any]
 
 
 class _Service:
-    """A grpclib service from a ready mapping of method paths to handlers."""
+    """A grpclib service from a ready mapping of method paths to handlers; the unary methods
+    named in ``lean`` take ``relay.ingress``'s lean path."""
 
-    def __init__(self, mapping: dict[str, Handler]) -> None:
+    def __init__(self, mapping: dict[str, Handler], lean: tuple[str, ...] = ()) -> None:
         self._mapping = mapping
+        self.__lean__ = lean
 
     def __mapping__(self) -> dict[str, Handler]:
         return self._mapping

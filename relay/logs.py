@@ -24,7 +24,7 @@ from typing import Any, TextIO
 _STANDARD = set(vars(logging.makeLogRecord({}))) | {"message", "asctime"}
 # Protocol libraries log URLs (a Web Push endpoint is a device token) and, at DEBUG, whole
 # header blocks with authorization: they stay at WARNING whatever the relay's own level.
-QUIET_LOGGERS = ("hpack", "h2", "httpcore", "httpx", "aioapns", "grpc", "asyncio")
+QUIET_LOGGERS = ("hpack", "h2", "httpcore", "httpx", "aioapns", "grpc", "grpclib", "asyncio")
 _PLAIN = (str, int, float, bool, type(None), list, dict)
 # Built once: json.dumps with options builds a new encoder for every line.
 _encode = json.JSONEncoder(ensure_ascii=False, default=str).encode

@@ -1,0 +1,128 @@
+"""The gRPC listener (``relay/ingress.py``) at the HTTP/2 level, with a raw HTTP/2 caller.
+
+grpcio's client never shows what these check: a unary answer larger than the caller's flow
+control window (the lean unary path then waits for the window, as grpclib's own path does),
+and the GOAWAY a graceful stop sends while a call in flight still finishes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import struct
+
+import grpc
+import h2.config
+import h2.connection
+import h2.events
+import h2.settings
+from hyperframe.frame import Frame, GoAwayFrame
+
+from pushrelay.v1 import relay_pb2 as pb
+from relay.client import RelayClient
+from relay.server import RelayServer
+from relay.testing.fake_apns import FakeAPNs
+from tests.support import apns_token, request
+
+SEND = "/pushrelay.v1.PushRelay/Send"
+
+
+def _grpc_message(message: pb.SendRequest) -> bytes:
+    body = message.SerializeToString()
+    return struct.pack(">?I", False, len(body)) + body
+
+
+async def _raw_call(port: int, path: str, body: bytes, *, window: int) -> tuple[bytes, dict]:
+    """One call over a fresh connection whose stream window is ``window`` bytes; the answer's
+    DATA and its trailers."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+    conn.initiate_connection()
+    conn.update_settings({h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: window})
+    stream = conn.get_next_available_stream_id()
+    headers = [
+        (":method", "POST"),
+        (":scheme", "http"),
+        (":path", path),
+        (":authority", f"127.0.0.1:{port}"),
+        ("content-type", "application/grpc"),
+        ("te", "trailers"),
+    ]
+    conn.send_headers(stream, headers)
+    conn.send_data(stream, body, end_stream=True)
+    writer.write(conn.data_to_send())
+    data, trailers = b"", {}
+    try:
+        while not trailers:
+            chunk = await asyncio.wait_for(reader.read(65536), 10)
+            assert chunk, "the relay closed the connection"
+            for event in conn.receive_data(chunk):
+                if isinstance(event, h2.events.DataReceived):
+                    data += event.data
+                    conn.acknowledge_received_data(event.flow_controlled_length, stream)
+                elif isinstance(event, h2.events.TrailersReceived):
+                    trailers = dict(event.headers)
+            writer.write(conn.data_to_send())
+    finally:
+        writer.close()
+    return data, trailers
+
+
+async def test_a_unary_answer_larger_than_the_callers_window_waits_for_it(
+    relay: RelayServer, fake_apns: FakeAPNs
+) -> None:
+    tokens = [apns_token() for _ in range(20)]
+    body = _grpc_message(request(*tokens, request_id="r-window"))
+    data, trailers = await _raw_call(relay.port, SEND, body, window=64)
+    assert trailers[b"grpc-status"] == b"0"
+    compressed, size = struct.unpack(">?I", data[:5])
+    assert not compressed and size == len(data) - 5 > 64  # more than one window's worth
+    answer = pb.SendResponse.FromString(data[5:])
+    assert answer.request_id == "r-window"
+    assert [r.outcome for r in answer.results] == [pb.DELIVERED] * len(tokens)
+
+
+async def test_a_graceful_stop_sends_goaway_and_lets_the_call_in_flight_finish(
+    relay: RelayServer, fake_apns: FakeAPNs
+) -> None:
+    slow = apns_token()
+    fake_apns.stall(slow)
+    # A second, idle caller that only watches for the GOAWAY.
+    reader, writer = await asyncio.open_connection("127.0.0.1", relay.port)
+    watcher = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+    watcher.initiate_connection()
+    writer.write(watcher.data_to_send())
+    async with RelayClient(f"127.0.0.1:{relay.port}") as caller:
+        pending = asyncio.ensure_future(caller.send(request(slow), timeout=10))
+        while not fake_apns.received:  # noqa: ASYNC110 (polling a fake's record)
+            await asyncio.sleep(0.01)
+        stopping = asyncio.ensure_future(relay.stop(grace=5))
+        goaway = await asyncio.wait_for(_next_goaway(reader), 5)
+        assert (goaway.last_stream_id, goaway.error_code) == (2**31 - 1, 0)
+        assert not pending.done() and not stopping.done()  # the call still runs
+        fake_apns.clear()  # the provider answers now
+        answer = await pending
+        await asyncio.wait_for(stopping, 5)
+    writer.close()
+    assert answer.results[0].outcome == pb.DELIVERED
+    async with RelayClient(f"127.0.0.1:{relay.port}") as late:  # and the port is closed
+        try:
+            await late.send(request(apns_token()), timeout=2)
+            raise AssertionError("a stopped relay answered")
+        except grpc.aio.AioRpcError as error:
+            assert error.code() == grpc.StatusCode.UNAVAILABLE
+
+
+async def _next_goaway(reader: asyncio.StreamReader) -> GoAwayFrame:
+    buffer = b""
+    while True:
+        chunk = await reader.read(65536)
+        assert chunk, "the connection closed before any GOAWAY"
+        buffer += chunk
+        while len(buffer) >= 9:
+            frame, length = Frame.parse_frame_header(memoryview(buffer[:9]))
+            if len(buffer) < 9 + length:
+                break
+            frame.parse_body(memoryview(buffer[9 : 9 + length]))
+            buffer = buffer[9 + length :]
+            if isinstance(frame, GoAwayFrame):
+                return frame
