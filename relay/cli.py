@@ -108,7 +108,8 @@ def _serve(args: argparse.Namespace) -> int:
 
 def _loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
     """uvloop unless ``PUSH_RELAY_EVENT_LOOP=asyncio``: it measured cheaper per push under
-    grpc.aio and the transport (bench/RESULTS.md); the variable is there to compare the two."""
+    the gRPC server and the transport (bench/RESULTS.md); the variable is there to compare the
+    two."""
     choice = os.environ.get("PUSH_RELAY_EVENT_LOOP", "uvloop")
     if choice not in ("uvloop", "asyncio"):
         raise SystemExit(
