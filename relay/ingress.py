@@ -52,7 +52,10 @@ Servable = Any  # an object with grpclib's ``__mapping__``
 log = logging.getLogger("relay.ingress")
 
 _HEADER = struct.Struct(">?I")
-MAX_STREAMS = 2**31 - 1  # concurrent streams a client may open on one connection
+# Concurrent streams a client may open on one connection, beyond the relay's in-flight cap:
+# calls over the cap are refused RESOURCE_EXHAUSTED (up to this many at once) rather than held
+# back inside the caller, and a connection still cannot hold idle streams without bound.
+STREAMS_OVER_CAP = 100
 
 
 class Call:
@@ -485,8 +488,9 @@ _GOAWAY = struct.pack(">I", 8)[1:] + bytes([7, 0]) + struct.pack(">IIi", 0, 0x7F
 class _Server(Server):
     """grpclib's server, keeping its connections (for GOAWAY and closing)."""
 
-    def __init__(self, services: list[Servable]) -> None:
+    def __init__(self, services: list[Servable], max_streams: Callable[[], int]) -> None:
         super().__init__(services, status_details_codec=StatusDetails())
+        self.max_streams = max_streams
         self.connections: set[H2Protocol] = set()
         # Unary methods of the services that ask for it (``__lean__``) take the lean path.
         self._lean = {
@@ -513,10 +517,9 @@ class _Server(Server):
 
         def connection_made(transport: Any) -> None:  # after TLS's handshake, if any
             made(cast(asyncio.Transport, _Corked(transport)))
-            # h2 allows a client 100 streams at once; grpcio's server set no limit, and the
-            # relay's own cap (limits.max_inflight_requests) answers RESOURCE_EXHAUSTED.
+            # h2 allows a client 100 streams at once (see Listener).
             protocol.connection._connection.update_settings(
-                {SettingCodes.MAX_CONCURRENT_STREAMS: MAX_STREAMS}
+                {SettingCodes.MAX_CONCURRENT_STREAMS: self.max_streams()}
             )
             protocol.connection.flush()
             self.connections.add(protocol)
@@ -580,12 +583,19 @@ async def _nothing() -> None:
 class Listener:
     """One gRPC listening address serving ``services``; ``await start()``, ``port``, ``stop()``.
 
-    ``idle()`` returns once no call that a graceful stop must wait for is running."""
+    ``idle()`` returns once no call that a graceful stop must wait for is running. A client may
+    open ``cap()`` + :data:`STREAMS_OVER_CAP` streams at once on one connection (read as it
+    connects; h2 would allow 100, grpcio's server set no limit).
+    """
 
     def __init__(
-        self, services: list[Servable], idle: Callable[[], Awaitable[None]] = _nothing
+        self,
+        services: list[Servable],
+        idle: Callable[[], Awaitable[None]] = _nothing,
+        *,
+        cap: Callable[[], int] = lambda: 0,
     ) -> None:
-        self._server = _Server(services)
+        self._server = _Server(services, lambda: cap() + STREAMS_OVER_CAP)
         self._idle = idle
         self.port = 0
 

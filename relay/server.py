@@ -129,7 +129,11 @@ class RelayServer:
         service = RelayService(self.current, lambda: self.draining)
         relay = RelayInterceptor(self.current, self._ceiling())
         reflection = Reflection((SERVICE_NAME, HEALTH, REFLECTION))
-        server = Listener([relay.guard(service), self.health, reflection], idle=relay.idle)
+        server = Listener(
+            [relay.guard(service), self.health, reflection],
+            idle=relay.idle,
+            cap=self._inflight_limit,
+        )
         await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
         self.port = await server.start(self.config.server.listen, self._tls())
         self._server = server

@@ -8,7 +8,9 @@ and the GOAWAY a graceful stop sends while a call in flight still finishes.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import struct
+from collections.abc import Awaitable, Callable
 
 import grpc
 import h2.config
@@ -19,6 +21,7 @@ from hyperframe.frame import Frame, GoAwayFrame
 
 from pushrelay.v1 import relay_pb2 as pb
 from relay.client import RelayClient
+from relay.config import Config
 from relay.server import RelayServer
 from relay.testing.fake_apns import FakeAPNs
 from tests.support import apns_token, request
@@ -126,3 +129,30 @@ async def _next_goaway(reader: asyncio.StreamReader) -> GoAwayFrame:
             buffer = buffer[9 + length :]
             if isinstance(frame, GoAwayFrame):
                 return frame
+
+
+async def test_a_connection_may_open_the_in_flight_cap_and_a_hundred_streams(
+    start_relay: Callable[[Config], Awaitable[RelayServer]], relay_config: Config
+) -> None:
+    """Beyond the cap, calls are refused by the relay (RESOURCE_EXHAUSTED) rather than held back
+    in the caller; yet one connection cannot hold idle streams without bound."""
+    limits = dataclasses.replace(relay_config.limits, max_inflight_requests=150)
+    relay = await start_relay(dataclasses.replace(relay_config, limits=limits))
+    reader, writer = await asyncio.open_connection("127.0.0.1", relay.port)
+    conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+    conn.initiate_connection()
+    writer.write(conn.data_to_send())
+    advertised: list[int] = []
+    try:
+        while len(advertised) < 2:  # h2's first SETTINGS (100), then the relay's
+            for event in conn.receive_data(await asyncio.wait_for(reader.read(65536), 5)):
+                if isinstance(event, h2.events.RemoteSettingsChanged):
+                    setting = event.changed_settings.get(
+                        h2.settings.SettingCodes.MAX_CONCURRENT_STREAMS
+                    )
+                    if setting is not None:
+                        advertised.append(setting.new_value)
+            writer.write(conn.data_to_send())
+    finally:
+        writer.close()
+    assert advertised == [100, 250]
