@@ -20,9 +20,10 @@ import h2.settings
 from hyperframe.frame import Frame, GoAwayFrame
 
 from pushrelay.v1 import relay_pb2 as pb
+from pushrelay.v1 import relay_pb2_grpc
 from relay.client import RelayClient
 from relay.config import Config
-from relay.server import RelayServer
+from relay.server import MAX_MESSAGE_BYTES, RelayServer
 from relay.testing.fake_apns import FakeAPNs
 from tests.support import apns_token, request
 
@@ -156,3 +157,25 @@ async def test_a_connection_may_open_the_in_flight_cap_and_a_hundred_streams(
     finally:
         writer.close()
     assert advertised == [100, 250]
+
+
+async def test_compressed_requests_are_inflated_up_to_the_ceiling(
+    relay: RelayServer, fake_apns: FakeAPNs
+) -> None:
+    """Callers that compress (gzip, as grpcio's server accepted) are served; a request that
+    inflates past gRPC's own ceiling is refused like an uncompressed one."""
+    target = f"127.0.0.1:{relay.port}"
+    async with grpc.aio.insecure_channel(target, compression=grpc.Compression.Gzip) as channel:
+        stub = relay_pb2_grpc.PushRelayStub(channel)
+        answer = await stub.Send(request(apns_token(), request_id="zipped"), timeout=10)
+        streamed = [a async for a in stub.SendStream(iter([request(apns_token())]), timeout=10)]
+        huge = request(apns_token())
+        huge.devices[0].token = "a" * (MAX_MESSAGE_BYTES + 1)  # a few KiB once compressed
+        try:
+            await stub.Send(huge, timeout=10)
+            raise AssertionError("an oversized request was served")
+        except grpc.aio.AioRpcError as error:
+            assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert answer.request_id == "zipped" and answer.results[0].outcome == pb.DELIVERED
+    assert [a.results[0].outcome for a in streamed] == [pb.DELIVERED]
+    assert len(fake_apns.received) == 2
