@@ -128,9 +128,10 @@ async def messages(stream: Stream[Any, Any], limit: int) -> AsyncIterator[Any]:
         if compressed:
             body = _inflated(body, getattr(h2_stream, "grpc_encoding", "identity"), limit)
         try:
-            yield parse(body)
+            message = parse(body)
         except Exception:  # DecodeError: the message never reaches a handler
             raise GRPCError(Status.INTERNAL, "Exception deserializing request!") from None
+        yield message
 
 
 _WBITS = {"gzip": 31, "deflate": 15}
@@ -215,6 +216,7 @@ class Health:
     def __init__(self) -> None:
         self._status: dict[str, _HealthStatus] = {"": health_pb2.HealthCheckResponse.SERVING}
         self._changed: dict[str, asyncio.Event] = collections.defaultdict(asyncio.Event)
+        self._watchers: collections.Counter[str] = collections.Counter()
         self._shutting_down = False
 
     async def set(self, service: str, status: _HealthStatus) -> None:
@@ -241,14 +243,21 @@ class Health:
 
     async def Watch(self, stream: Stream[Any, Any]) -> None:
         service = (await one_message(stream, 1 << 16)).service
-        last = None
-        while True:
-            changed = self._changed[service]  # set by the next change, even during the send
-            status = self._status.get(service, health_pb2.HealthCheckResponse.SERVICE_UNKNOWN)
-            if status != last:
-                await stream.send_message(health_pb2.HealthCheckResponse(status=status))
-                last = status
-            await changed.wait()
+        self._watchers[service] += 1
+        try:
+            last = None
+            while True:
+                changed = self._changed[service]  # set by the next change, even mid-send
+                status = self._status.get(service, health_pb2.HealthCheckResponse.SERVICE_UNKNOWN)
+                if status != last:
+                    await stream.send_message(health_pb2.HealthCheckResponse(status=status))
+                    last = status
+                await changed.wait()
+        finally:  # a name no watcher asks about any more leaves nothing behind
+            self._watchers[service] -= 1
+            if not self._watchers[service]:
+                del self._watchers[service]
+                self._changed.pop(service, None)
 
     def __mapping__(self) -> dict[str, Handler]:
         request, reply = health_pb2.HealthCheckRequest, health_pb2.HealthCheckResponse
@@ -309,7 +318,7 @@ class Reflection:
                     original_request=request,
                 )
         except KeyError:
-            return _reflection_error(request, Status.NOT_FOUND, "Not found")
+            return _reflection_error(request, Status.NOT_FOUND, "not found")
         return _reflection_error(request, Status.INVALID_ARGUMENT, "invalid argument")
 
     @staticmethod

@@ -17,12 +17,14 @@ import h2.config
 import h2.connection
 import h2.events
 import h2.settings
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 from hyperframe.frame import Frame, GoAwayFrame
 
 from pushrelay.v1 import relay_pb2 as pb
 from pushrelay.v1 import relay_pb2_grpc
 from relay.client import RelayClient
 from relay.config import Config
+from relay.interceptors import SERVICE_NAME
 from relay.server import MAX_MESSAGE_BYTES, RelayServer
 from relay.testing.fake_apns import FakeAPNs
 from tests.support import apns_token, request
@@ -179,3 +181,28 @@ async def test_compressed_requests_are_inflated_up_to_the_ceiling(
     assert answer.request_id == "zipped" and answer.results[0].outcome == pb.DELIVERED
     assert [a.results[0].outcome for a in streamed] == [pb.DELIVERED]
     assert len(fake_apns.received) == 2
+
+
+async def test_health_watch_follows_the_status_and_forgets_a_name_nobody_watches(
+    relay: RelayServer,
+) -> None:
+    """``Watch`` as grpcio's health servicer answers it: the status now and at each change,
+    ``SERVICE_UNKNOWN`` for a name never set (until it is)."""
+    serving = health_pb2.HealthCheckResponse
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{relay.port}") as channel:
+        health = health_pb2_grpc.HealthStub(channel)
+        known = health.Watch(health_pb2.HealthCheckRequest(service=SERVICE_NAME))
+        unknown = health.Watch(health_pb2.HealthCheckRequest(service="no.such.Service"))
+        assert (await known.read()).status == serving.SERVING
+        assert (await unknown.read()).status == serving.SERVICE_UNKNOWN
+        await relay.health.set(SERVICE_NAME, serving.NOT_SERVING)
+        await relay.health.set("no.such.Service", serving.SERVING)
+        assert (await known.read()).status == serving.NOT_SERVING
+        assert (await unknown.read()).status == serving.SERVING
+        known.cancel()
+        unknown.cancel()
+        for _ in range(100):  # the relay sees both cancels
+            if not relay.health._watchers:
+                break
+            await asyncio.sleep(0.01)
+    assert not relay.health._watchers and not relay.health._changed
