@@ -73,7 +73,8 @@ class Call:
         return None if deadline is None else deadline.time_remaining()
 
     def invocation_metadata(self) -> Metadata:
-        return tuple(self.stream.metadata.items()) if self.stream.metadata else ()
+        metadata = self.stream.metadata  # decoded from the headers on each read in the lean path
+        return tuple(metadata.items()) if metadata else ()
 
     def auth_context(self) -> AuthContext:
         """``x509_pem_cert``: the verified client certificate under mutual TLS, as grpcio has it."""
