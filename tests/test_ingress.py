@@ -28,6 +28,8 @@ from relay.interceptors import SERVICE_NAME
 from relay.server import MAX_MESSAGE_BYTES, RelayServer
 from relay.testing.fake_apns import FakeAPNs
 from tests.support import apns_token, request
+from tests.test_auth import requests_counted
+from tests.test_limits import in_flight
 
 SEND = "/pushrelay.v1.PushRelay/Send"
 
@@ -219,3 +221,30 @@ async def test_closed_streams_are_still_forgotten(relay: RelayServer, fake_apns:
         [connection] = relay._server._server.connections
         held = len(connection.connection._connection.streams)
     assert held <= 65
+
+
+async def test_a_unary_call_the_caller_cancels_is_ended_and_counted(
+    relay: RelayServer, fake_apns: FakeAPNs
+) -> None:
+    """A caller's reset reaches the lean unary path: the call's work stops, its in-flight slot
+    frees, it is counted CANCELLED, and the connection serves on."""
+    slow = apns_token()
+    fake_apns.stall(slow)
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{relay.port}") as channel:
+        stub = relay_pb2_grpc.PushRelayStub(channel)
+        call = stub.Send(request(slow), timeout=10)
+        while not fake_apns.received:  # noqa: ASYNC110 (polling a fake's record)
+            await asyncio.sleep(0.01)
+        assert in_flight(relay) == 1
+        assert relay._server is not None
+        connections = set(relay._server._server.connections)
+        call.cancel()
+        for _ in range(200):
+            if in_flight(relay) == 0:
+                break
+            await asyncio.sleep(0.01)
+        after = await stub.Send(request(apns_token()), timeout=10)
+        assert relay._server._server.connections == connections  # the same connection served on
+    assert in_flight(relay) == 0
+    assert requests_counted(relay, "CANCELLED") == 1
+    assert after.results[0].outcome == pb.DELIVERED
