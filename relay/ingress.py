@@ -162,12 +162,6 @@ async def one_message(stream: Stream[Any, Any], limit: int) -> Any:
     raise GRPCError(Status.INTERNAL, "the call carried no request message")
 
 
-def method(
-    handler: Callable[[Stream[Any, Any]], Any], cardinality: Cardinality, request: Any, reply: Any
-) -> Handler:
-    return Handler(handler, cardinality, request, reply)
-
-
 # --- TLS ----------------------------------------------------------------------------------------
 
 
@@ -264,8 +258,8 @@ class Health:
     def __mapping__(self) -> dict[str, Handler]:
         request, reply = health_pb2.HealthCheckRequest, health_pb2.HealthCheckResponse
         return {
-            f"/{HEALTH}/Check": method(self.Check, Cardinality.UNARY_UNARY, request, reply),
-            f"/{HEALTH}/Watch": method(self.Watch, Cardinality.UNARY_STREAM, request, reply),
+            f"/{HEALTH}/Check": Handler(self.Check, Cardinality.UNARY_UNARY, request, reply),
+            f"/{HEALTH}/Watch": Handler(self.Watch, Cardinality.UNARY_STREAM, request, reply),
         }
 
 
@@ -345,7 +339,7 @@ class Reflection:
             reflection_pb2.ServerReflectionResponse,
         )
         return {
-            f"/{REFLECTION}/ServerReflectionInfo": method(
+            f"/{REFLECTION}/ServerReflectionInfo": Handler(
                 self.ServerReflectionInfo, Cardinality.STREAM_STREAM, request, reply
             )
         }

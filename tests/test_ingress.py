@@ -39,12 +39,20 @@ def _grpc_message(message: pb.SendRequest) -> bytes:
     return struct.pack(">?I", False, len(body)) + body
 
 
-async def _raw_call(port: int, path: str, body: bytes, *, window: int) -> tuple[bytes, dict]:
-    """One call over a fresh connection whose stream window is ``window`` bytes; the answer's
-    DATA and its trailers."""
+async def _h2_client(
+    port: int,
+) -> tuple[asyncio.StreamReader, asyncio.StreamWriter, h2.connection.H2Connection]:
+    """A raw HTTP/2 connection to ``port``, its preface and SETTINGS made (not yet written)."""
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
     conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
     conn.initiate_connection()
+    return reader, writer, conn
+
+
+async def _raw_call(port: int, path: str, body: bytes, *, window: int) -> tuple[bytes, dict]:
+    """One call over a fresh connection whose stream window is ``window`` bytes; the answer's
+    DATA and its trailers."""
+    reader, writer, conn = await _h2_client(port)
     conn.update_settings({h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: window})
     stream = conn.get_next_available_stream_id()
     headers = [
@@ -95,9 +103,7 @@ async def test_a_graceful_stop_sends_goaway_and_lets_the_call_in_flight_finish(
     slow = apns_token()
     fake_apns.stall(slow)
     # A second, idle caller that only watches for the GOAWAY.
-    reader, writer = await asyncio.open_connection("127.0.0.1", relay.port)
-    watcher = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
-    watcher.initiate_connection()
+    reader, writer, watcher = await _h2_client(relay.port)
     writer.write(watcher.data_to_send())
     async with RelayClient(f"127.0.0.1:{relay.port}") as caller:
         pending = asyncio.ensure_future(caller.send(request(slow), timeout=10))
@@ -143,9 +149,7 @@ async def test_a_connection_may_open_the_in_flight_cap_and_a_hundred_streams(
     in the caller; yet one connection cannot hold idle streams without bound."""
     limits = dataclasses.replace(relay_config.limits, max_inflight_requests=150)
     relay = await start_relay(dataclasses.replace(relay_config, limits=limits))
-    reader, writer = await asyncio.open_connection("127.0.0.1", relay.port)
-    conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
-    conn.initiate_connection()
+    reader, writer, conn = await _h2_client(relay.port)
     writer.write(conn.data_to_send())
     advertised: list[int] = []
     try:
