@@ -454,6 +454,7 @@ async def _lean_unary(
     headers: list[tuple[str, str]],
     recv_type: Any,
     release_stream: Callable[[], Any],
+    tasks: Callable[[], dict[Any, Any]],
 ) -> None:
     call = UnaryStream(stream, headers, recv_type)
     try:
@@ -470,6 +471,7 @@ async def _lean_unary(
         pass  # the caller reset the call
     finally:
         release_stream()
+        tasks().pop(stream, None)
 
 
 class _Handler(_GrpclibHandler):
@@ -481,7 +483,10 @@ class _Handler(_GrpclibHandler):
         super().__init__(*args)
         self._lean = lean
 
-    def accept(self, stream: Any, headers: Any, release_stream: Callable[[], Any]) -> None:
+    def accept(self, stream: Any, raw: Any, release_stream: Callable[[], Any]) -> None:
+        # h2 hands over the headers as bytes (see _Server): decoded here once, as plain tuples
+        # (h2's own decoding made a second HeaderTuple of each).
+        headers = [(name.decode("ascii"), value.decode("ascii")) for name, value in raw]
         method = content = te = path = ""
         for name, value in headers:
             if name == ":path":
@@ -503,10 +508,20 @@ class _Handler(_GrpclibHandler):
         ):
             super().accept(stream, headers, release_stream)
             return
-        self.__gc_step__()
+        # The call's task leaves the handler's table as it ends (grpclib's own path instead
+        # walks the whole table every ten calls for the tasks that are done).
         self._tasks[stream] = self.loop.create_task(
-            _lean_unary(lean.func, stream, headers, lean.request_type, release_stream)
+            _lean_unary(lean.func, stream, headers, lean.request_type, release_stream, self._table)
         )
+
+    def _table(self) -> dict[Any, Any]:
+        return self._tasks  # grpclib replaces the dict as it collects: read it at the end
+
+    def cancel(self, stream: Any) -> None:
+        task = self._tasks.pop(stream, None)  # None: a lean call that has just ended
+        if task is not None:
+            task.cancel()
+            self._cancelled.add(task)
 
 
 # --- the listener -------------------------------------------------------------------------------
@@ -557,6 +572,8 @@ class _Server(Server):
         }
         self.none_left = asyncio.Event()
         self.none_left.set()
+        # A request's headers reach _Handler.accept as bytes, the only place a server reads them.
+        self._h2_config.header_encoding = None
 
     def _protocol_factory(self) -> H2Protocol:
         self.__gc_step__()

@@ -217,14 +217,17 @@ async def test_health_watch_follows_the_status_and_forgets_a_name_nobody_watches
 async def test_closed_streams_are_still_forgotten(relay: RelayServer, fake_apns: FakeAPNs) -> None:
     """The relay counts a caller's open streams by a full walk only every 64 new streams (h2's
     walk on each one grew with the square of the calls in flight); closed streams are still
-    dropped by those walks, so a long-lived connection holds at most ~64 of them."""
+    dropped by those walks, so a long-lived connection holds at most ~64 of them. A unary
+    call's task leaves the connection's table as the call ends."""
     async with RelayClient(f"127.0.0.1:{relay.port}") as caller:
         for i in range(300):
             await caller.send(request(apns_token(), request_id=f"r{i}"), timeout=10)
         assert relay._server is not None
         [connection] = relay._server._server.connections
         held = len(connection.connection._connection.streams)
+        tasks = dict(connection.handler._tasks)
     assert held <= 65
+    assert not tasks
 
 
 async def test_a_unary_call_the_caller_cancels_is_ended_and_counted(
