@@ -52,35 +52,48 @@ async def _h2_client(
 async def _raw_call(port: int, path: str, body: bytes, *, window: int) -> tuple[bytes, dict]:
     """One call over a fresh connection whose stream window is ``window`` bytes; the answer's
     DATA and its trailers."""
+    settings = {h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: window}
+    [answer], _ = await _raw_calls(port, path, [body], settings=settings)
+    return answer
+
+
+async def _raw_calls(
+    port: int, path: str, bodies: list[bytes], *, settings: dict[int, int]
+) -> tuple[list[tuple[bytes, dict]], h2.connection.H2Connection]:
+    """Calls one after the other over a fresh connection with the caller's ``settings``; each
+    answer's DATA and trailers, and the caller's side of the connection."""
     reader, writer, conn = await _h2_client(port)
-    conn.update_settings({h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: window})
-    stream = conn.get_next_available_stream_id()
-    headers = [
-        (":method", "POST"),
-        (":scheme", "http"),
-        (":path", path),
-        (":authority", f"127.0.0.1:{port}"),
-        ("content-type", "application/grpc"),
-        ("te", "trailers"),
-    ]
-    conn.send_headers(stream, headers)
-    conn.send_data(stream, body, end_stream=True)
-    writer.write(conn.data_to_send())
-    data, trailers = b"", {}
+    conn.update_settings(settings)
+    answers = []
     try:
-        while not trailers:
-            chunk = await asyncio.wait_for(reader.read(65536), 10)
-            assert chunk, "the relay closed the connection"
-            for event in conn.receive_data(chunk):
-                if isinstance(event, h2.events.DataReceived):
-                    data += event.data
-                    conn.acknowledge_received_data(event.flow_controlled_length, stream)
-                elif isinstance(event, h2.events.TrailersReceived):
-                    trailers = dict(event.headers)
+        for body in bodies:
+            stream = conn.get_next_available_stream_id()
+            headers = [
+                (":method", "POST"),
+                (":scheme", "http"),
+                (":path", path),
+                (":authority", f"127.0.0.1:{port}"),
+                ("content-type", "application/grpc"),
+                ("te", "trailers"),
+            ]
+            conn.send_headers(stream, headers)
+            conn.send_data(stream, body, end_stream=True)
             writer.write(conn.data_to_send())
+            data, trailers = b"", {}
+            while not trailers:
+                chunk = await asyncio.wait_for(reader.read(65536), 10)
+                assert chunk, "the relay closed the connection"
+                for event in conn.receive_data(chunk):
+                    if isinstance(event, h2.events.DataReceived):
+                        data += event.data
+                        conn.acknowledge_received_data(event.flow_controlled_length, stream)
+                    elif isinstance(event, h2.events.TrailersReceived):
+                        trailers = dict(event.headers)
+                writer.write(conn.data_to_send())
+            answers.append((data, trailers))
     finally:
         writer.close()
-    return data, trailers
+    return answers, conn
 
 
 async def test_a_unary_answer_larger_than_the_callers_window_waits_for_it(
@@ -95,6 +108,23 @@ async def test_a_unary_answer_larger_than_the_callers_window_waits_for_it(
     answer = pb.SendResponse.FromString(data[5:])
     assert answer.request_id == "r-window"
     assert [r.outcome for r in answer.results] == [pb.DELIVERED] * len(tokens)
+
+
+async def test_unary_answers_follow_a_header_table_the_caller_shrank(
+    relay: RelayServer, fake_apns: FakeAPNs
+) -> None:
+    """A unary answer's header blocks are prebuilt (they never touch HPACK's dynamic table), but
+    after the caller shrinks the table, the next block must open with the size update
+    (RFC 7541 §4.2): that answer takes h2's own path, and the ones after it decode as well."""
+    bodies = [_grpc_message(request(apns_token(), request_id=f"r{i}")) for i in range(3)]
+    settings = {h2.settings.SettingCodes.HEADER_TABLE_SIZE: 0}
+    answers, conn = await _raw_calls(relay.port, SEND, bodies, settings=settings)
+    assert conn.decoder.header_table.maxsize == 0  # the update reached the caller
+    for i, (data, trailers) in enumerate(answers):
+        assert trailers == {b"grpc-status": b"0"}
+        answer = pb.SendResponse.FromString(data[5:])
+        assert answer.request_id == f"r{i}"
+        assert [r.outcome for r in answer.results] == [pb.DELIVERED]
 
 
 async def test_a_graceful_stop_sends_goaway_and_lets_the_call_in_flight_finish(
