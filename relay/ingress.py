@@ -25,10 +25,12 @@ import asyncio
 import collections
 import contextlib
 import fcntl
+import functools
 import logging
 import os
 import ssl
 import struct
+import time
 import zlib
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
 from typing import Any, cast
@@ -40,10 +42,13 @@ from grpclib.const import Cardinality, Handler, Status
 from grpclib.encoding.base import StatusDetailsCodecBase
 from grpclib.exceptions import GRPCError
 from grpclib.metadata import Deadline, decode_metadata, encode_bin_value, encode_grpc_message
-from grpclib.protocol import H2Protocol
+from grpclib.protocol import Connection as ProtocolConnection
+from grpclib.protocol import EventsProcessor, H2Protocol
+from grpclib.protocol import Stream as ProtocolStream
 from grpclib.server import Handler as _GrpclibHandler
 from grpclib.server import Server, Stream
 from h2.connection import ConnectionInputs, H2Connection
+from h2.events import RequestReceived
 from h2.exceptions import StreamClosedError
 from h2.settings import SettingCodes
 from h2.stream import StreamInputs
@@ -533,25 +538,147 @@ async def _lean_unary(
         tasks().pop(stream, None)
 
 
+class _Buffer:
+    """grpclib's ``Buffer`` for a lean unary call: the request's DATA as it arrives, each chunk
+    acknowledged (its flow control credit returned) once a read reaches it, as grpclib's own
+    does, so a caller can send no more than the relay reads. grpclib's makes an
+    ``asyncio.Queue`` per call; this one waits on a future only when a read finds too little.
+    """
+
+    __slots__ = ("_ack", "_eof", "_pending", "_read", "_size", "_waiter")
+
+    def __init__(self, ack: Callable[[int], None]) -> None:
+        self._ack = ack
+        self._pending: collections.deque[tuple[bytes, int]] = collections.deque()  # unacked
+        self._read: collections.deque[bytes] = collections.deque()  # acked, not yet read
+        self._size = 0  # bytes in _read
+        self._eof = False
+        self._waiter: asyncio.Future[None] | None = None
+
+    def add(self, data: bytes, ack_size: int) -> None:
+        self._pending.append((data, ack_size))
+        self._wake()
+
+    def eof(self) -> None:
+        self._eof = True
+        self._wake()
+
+    def unacked_size(self) -> int:
+        return sum(ack_size for _, ack_size in self._pending)
+
+    def _wake(self) -> None:
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_result(None)
+
+    async def read(self, size: int) -> bytes:
+        """``size`` bytes; b"" once the caller has ended the stream and none are left."""
+        while True:
+            while self._size < size and self._pending:
+                data, ack_size = self._pending.popleft()
+                if data:
+                    self._read.append(data)
+                    self._size += len(data)
+                if ack_size:
+                    self._ack(ack_size)
+            if self._size >= size or (self._eof and not self._pending):
+                break
+            self._waiter = asyncio.get_running_loop().create_future()
+            try:
+                await self._waiter
+            finally:
+                self._waiter = None
+        if not self._size or not size:
+            return b""
+        if self._size < size:  # grpclib's Buffer raises the same
+            raise AssertionError("Received less data than expected")
+        self._size -= size
+        first = self._read[0]
+        if len(first) == size:
+            return self._read.popleft()
+        if len(first) > size:
+            self._read[0] = first[size:]
+            return first[:size]
+        chunks = []
+        while size:
+            chunk = self._read.popleft()
+            if len(chunk) > size:
+                self._read.appendleft(chunk[size:])
+                chunk = chunk[:size]
+            chunks.append(chunk)
+            size -= len(chunk)
+        return b"".join(chunks)
+
+
+class _Flag:
+    """A stream's ``window_updated`` (and the events grpclib sets on a client's streams): an
+    ``asyncio.Event`` made only once something waits on it. grpclib sets ``window_updated`` on
+    every stream at each connection window update; only an answer larger than the caller's
+    window ever waits (after a ``clear()``, so a ``set()`` before that needs no record)."""
+
+    __slots__ = ("_event",)
+
+    def __init__(self) -> None:
+        self._event: asyncio.Event | None = None
+
+    def set(self) -> None:
+        if self._event is not None:
+            self._event.set()
+
+    def clear(self) -> None:
+        if self._event is not None:
+            self._event.clear()
+
+    def is_set(self) -> bool:
+        return self._event is not None and self._event.is_set()
+
+    async def wait(self) -> None:
+        if self._event is None:
+            self._event = asyncio.Event()
+        await self._event.wait()
+
+
+class _LeanStream(ProtocolStream):
+    """grpclib's protocol ``Stream`` for a lean unary call, made without its ``Buffer`` and
+    three ``asyncio.Event`` (~4 % of a call, bench/RESULTS.md); grpclib's event processing and
+    its ``send_*`` methods work on it unchanged."""
+
+    def __init__(self, connection: ProtocolConnection, stream_id: int) -> None:
+        self.connection = connection
+        self._h2_connection = connection._connection
+        self._transport = connection._transport
+        self.wrapper = None
+        self.id = stream_id
+        buffer: Any = _Buffer(functools.partial(connection.ack, stream_id))
+        self.buffer = buffer
+        connection.streams_started += 1
+        self.created = connection.last_stream_created = time.monotonic()
+        flag: Any = _Flag()
+        self.window_updated = self.headers_received = self.trailers_received = flag
+
+
 class _Handler(_GrpclibHandler):
     """grpclib's per-connection request handler; calls to a path in ``lean`` whose headers are
     plain gRPC (POST, ``application/grpc`` or ``+proto``, ``te: trailers``) take
-    :func:`_lean_unary`, the rest grpclib's own path (with its answers to anything else)."""
+    :func:`_lean_unary`, the rest grpclib's own path (with its answers to anything else).
+
+    It takes each new call from grpclib's event processor (:meth:`request_received`, in place of
+    the processor's own), so that a lean call's stream is a :class:`_LeanStream`.
+    """
 
     def __init__(self, *args: Any, lean: Mapping[str, Any]) -> None:
         super().__init__(*args)
         self._lean = lean
 
-    def accept(self, stream: Any, raw: Any, release_stream: Callable[[], Any]) -> None:
+    def request_received(self, processor: EventsProcessor, event: RequestReceived) -> None:
         # h2 hands over the headers as bytes (see _Server): decoded here once, as plain tuples
         # (h2's own decoding made a second HeaderTuple of each).
-        headers = [(name.decode("ascii"), value.decode("ascii")) for name, value in raw]
-        method = content = te = path = ""
+        headers = [(name.decode("ascii"), value.decode("ascii")) for name, value in event.headers]
+        method = content = te = path = encoding = ""
         for name, value in headers:
             if name == ":path":
                 path = value
             elif name == "grpc-encoding":
-                stream.grpc_encoding = value  # for messages(): grpclib keeps no grpc- header
+                encoding = value
             elif name == ":method":
                 method = value
             elif name == "content-type":
@@ -559,13 +686,21 @@ class _Handler(_GrpclibHandler):
             elif name == "te":
                 te = value
         lean = self._lean.get(path)
+        stream: Any
         if (
             lean is None
             or method != "POST"
             or te != "trailers"
             or content not in ("application/grpc", "application/grpc+proto")
         ):
-            super().accept(stream, headers, release_stream)
+            stream = processor.connection.create_stream(stream_id=event.stream_id)
+        else:
+            stream = _LeanStream(processor.connection, event.stream_id)
+        if encoding:
+            stream.grpc_encoding = encoding  # for messages(): grpclib keeps no grpc- header
+        release_stream = processor.register(stream)
+        if lean is None or type(stream) is not _LeanStream:
+            self.accept(stream, headers, release_stream)
             return
         # The call's task leaves the handler's table as it ends (grpclib's own path instead
         # walks the whole table every ten calls for the tasks that are done).
@@ -631,7 +766,8 @@ class _Server(Server):
         }
         self.none_left = asyncio.Event()
         self.none_left.set()
-        # A request's headers reach _Handler.accept as bytes, the only place a server reads them.
+        # A request's headers reach _Handler.request_received as bytes, the only place a server
+        # reads them.
         self._h2_config.header_encoding = None
 
     def _protocol_factory(self) -> H2Protocol:
@@ -649,6 +785,10 @@ class _Server(Server):
 
         def connection_made(transport: Any) -> None:  # after TLS's handshake, if any
             made(cast(asyncio.Transport, _Corked(transport)))
+            processor = protocol.processor
+            processor.processors[RequestReceived] = functools.partial(  # type: ignore[assignment]
+                handler.request_received, processor
+            )
             protocol.connection._connection.__class__ = _Connection  # made by grpclib as h2's
             # h2 allows a client 100 streams at once (see Listener).
             protocol.connection._connection.update_settings(

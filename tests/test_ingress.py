@@ -77,7 +77,9 @@ async def _raw_calls(
                 ("te", "trailers"),
             ]
             conn.send_headers(stream, headers)
-            conn.send_data(stream, body, end_stream=True)
+            size = conn.max_outbound_frame_size
+            for at in range(0, len(body), size):
+                conn.send_data(stream, body[at : at + size], end_stream=at + size >= len(body))
             writer.write(conn.data_to_send())
             data, trailers = b"", {}
             while not trailers:
@@ -285,3 +287,46 @@ async def test_a_unary_call_the_caller_cancels_is_ended_and_counted(
     assert in_flight(relay) == 0
     assert requests_counted(relay, "CANCELLED") == 1
     assert after.results[0].outcome == pb.DELIVERED
+
+
+async def test_unary_requests_beyond_the_connection_window_are_read_and_acknowledged(
+    relay: RelayServer, fake_apns: FakeAPNs
+) -> None:
+    """A unary request's DATA is acknowledged as the relay reads it, and what a refused call
+    left unread as its stream is released: six 1 MiB requests (refused, over
+    limits.max_request_bytes) and two over gRPC's 4 MiB ceiling (refused from the length
+    prefix, their bodies unread) pass through one connection whose window is 4 MiB, and the
+    connection still carries a push."""
+    big = request(apns_token())
+    big.notification.preview = "x" * (1 << 20)
+    huge = request(apns_token())
+    huge.devices[0].token = "a" * (MAX_MESSAGE_BYTES + 1)
+    async with grpc.aio.insecure_channel(
+        f"127.0.0.1:{relay.port}", options=[("grpc.max_send_message_length", 8 << 20)]
+    ) as channel:
+        stub = relay_pb2_grpc.PushRelayStub(channel)
+        codes = []
+        for message in [big] * 6 + [huge] * 2:
+            try:
+                await stub.Send(message, timeout=10)
+            except grpc.aio.AioRpcError as error:
+                codes.append(error.code())
+        answer = await stub.Send(request(apns_token()), timeout=10)
+    assert (
+        codes == [grpc.StatusCode.INVALID_ARGUMENT] * 6 + [grpc.StatusCode.RESOURCE_EXHAUSTED] * 2
+    )
+    assert answer.results[0].outcome == pb.DELIVERED
+
+
+async def test_what_a_unary_call_leaves_unread_is_acknowledged_as_it_ends(
+    relay: RelayServer, fake_apns: FakeAPNs
+) -> None:
+    """A unary call reads one message: DATA after it (here a second message of 60 kB) is
+    acknowledged when the call ends, or 70 such calls would use up the connection's 4 MiB
+    window (h2 on the caller's side refuses to send beyond it)."""
+    extra = _grpc_message(request(apns_token(), request_id="x" * 60_000))
+    bodies = [_grpc_message(request(apns_token(), request_id=f"r{i}")) + extra for i in range(70)]
+    answers, _ = await _raw_calls(relay.port, SEND, bodies, settings={})
+    for i, (data, trailers) in enumerate(answers):
+        assert trailers == {b"grpc-status": b"0"}
+        assert pb.SendResponse.FromString(data[5:]).request_id == f"r{i}"
