@@ -34,7 +34,7 @@ from grpclib.server import Stream
 from pushrelay.v1 import relay_pb2 as pb
 from relay.auth import ANYONE, CALLER, Caller
 from relay.errors import RelayError, status_for
-from relay.ingress import Call, messages, one_message
+from relay.ingress import Call, messages, one_message, send_streamed
 from relay.limits import RateLimited
 from relay.metrics import Metrics
 from relay.service import RelayService, Snapshot
@@ -135,9 +135,8 @@ class RelayInterceptor:
                 first = await anext(requests, None)
                 caller = _authenticate(snap, context)
                 CALLER.set(caller)
-                send = stream.send_message
                 async for answer in behavior(_following(first, requests), context):
-                    await send(answer)
+                    await send_streamed(stream, answer)
             except RelayError as error:
                 code = None  # counted by _refuse: the status leaves before abort returns
                 await _refuse(context, snap.metrics, method, started, error, caller)

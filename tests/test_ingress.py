@@ -17,6 +17,7 @@ import h2.config
 import h2.connection
 import h2.events
 import h2.settings
+import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from hyperframe.frame import Frame, GoAwayFrame
 
@@ -32,6 +33,7 @@ from tests.test_auth import requests_counted
 from tests.test_limits import in_flight
 
 SEND = "/pushrelay.v1.PushRelay/Send"
+SEND_STREAM = "/pushrelay.v1.PushRelay/SendStream"
 
 
 def _grpc_message(message: pb.SendRequest) -> bytes:
@@ -98,12 +100,15 @@ async def _raw_calls(
     return answers, conn
 
 
-async def test_a_unary_answer_larger_than_the_callers_window_waits_for_it(
-    relay: RelayServer, fake_apns: FakeAPNs
+@pytest.mark.parametrize("path", [SEND, SEND_STREAM])
+async def test_an_answer_larger_than_the_callers_window_waits_for_it(
+    relay: RelayServer, fake_apns: FakeAPNs, path: str
 ) -> None:
+    """Answers that fit the caller's window leave as prebuilt frames; a larger one waits for
+    the window, in pieces, on both methods."""
     tokens = [apns_token() for _ in range(20)]
     body = _grpc_message(request(*tokens, request_id="r-window"))
-    data, trailers = await _raw_call(relay.port, SEND, body, window=64)
+    data, trailers = await _raw_call(relay.port, path, body, window=64)
     assert trailers[b"grpc-status"] == b"0"
     compressed, size = struct.unpack(">?I", data[:5])
     assert not compressed and size == len(data) - 5 > 64  # more than one window's worth
