@@ -123,23 +123,40 @@ async def messages(stream: Stream[Any, Any], limit: int) -> AsyncIterator[Any]:
     """
     h2_stream = stream._stream  # grpclib's own recv_message reads the whole message first
     parse = stream._recv_type.FromString
-    while True:
-        header = await h2_stream.recv_data(5)
-        if not header:
-            return
-        compressed, size = _HEADER.unpack(header)
-        if size > limit:
-            raise GRPCError(
-                Status.RESOURCE_EXHAUSTED, f"Received message larger than max ({size} vs. {limit})"
-            )
-        body = await h2_stream.recv_data(size) if size else b""
-        if compressed:
-            body = _inflated(body, getattr(h2_stream, "grpc_encoding", "identity"), limit)
-        try:
-            message = parse(body)
-        except Exception:  # DecodeError: the message never reaches a handler
-            raise GRPCError(Status.INTERNAL, "Exception deserializing request!") from None
+    while (message := await _next_message(h2_stream, parse, limit)) is not None:
         yield message
+
+
+async def one_message(stream: Stream[Any, Any], limit: int) -> Any:
+    """A unary call's request (as :func:`messages` reads them).
+
+    Not through :func:`messages`: an async generator left before its end is closed by the
+    event loop's finalizer hook, a task of its own and a wake-up from another thread's
+    signal (``call_soon_threadsafe``) per call.
+    """
+    message = await _next_message(stream._stream, stream._recv_type.FromString, limit)
+    if message is None:
+        raise GRPCError(Status.INTERNAL, "the call carried no request message")
+    return message
+
+
+async def _next_message(h2_stream: Any, parse: Callable[[bytes], Any], limit: int) -> Any:
+    """The next request on the stream, None at its end."""
+    header = await h2_stream.recv_data(5)
+    if not header:
+        return None
+    compressed, size = _HEADER.unpack(header)
+    if size > limit:
+        raise GRPCError(
+            Status.RESOURCE_EXHAUSTED, f"Received message larger than max ({size} vs. {limit})"
+        )
+    body = await h2_stream.recv_data(size) if size else b""
+    if compressed:
+        body = _inflated(body, getattr(h2_stream, "grpc_encoding", "identity"), limit)
+    try:
+        return parse(body)
+    except Exception:  # DecodeError: the message never reaches a handler
+        raise GRPCError(Status.INTERNAL, "Exception deserializing request!") from None
 
 
 _WBITS = {"gzip": 31, "deflate": 15}
@@ -159,13 +176,6 @@ def _inflated(body: bytes, encoding: str, limit: int) -> bytes:
             Status.RESOURCE_EXHAUSTED, f"Received message larger than max (over {limit} inflated)"
         )
     return data
-
-
-async def one_message(stream: Stream[Any, Any], limit: int) -> Any:
-    """A unary call's request (see :func:`messages`)."""
-    async for message in messages(stream, limit):
-        return message
-    raise GRPCError(Status.INTERNAL, "the call carried no request message")
 
 
 # --- TLS ----------------------------------------------------------------------------------------

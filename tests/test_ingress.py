@@ -9,8 +9,11 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import gc
 import struct
+import sys
 from collections.abc import Awaitable, Callable
+from typing import Any
 
 import grpc
 import h2.config
@@ -335,3 +338,29 @@ async def test_what_a_unary_call_leaves_unread_is_acknowledged_as_it_ends(
     for i, (data, trailers) in enumerate(answers):
         assert trailers == {b"grpc-status": b"0"}
         assert pb.SendResponse.FromString(data[5:]).request_id == f"r{i}"
+
+
+async def test_a_unary_call_leaves_no_async_generator_for_the_loop_to_close(
+    relay: RelayServer, fake_apns: FakeAPNs
+) -> None:
+    """An async generator dropped before its end is closed by the loop's finalizer hook: a task
+    of its own and a cross-thread wake-up (``call_soon_threadsafe``) for every call. The relay's
+    unary path reads its request without one."""
+    hooks = sys.get_asyncgen_hooks()
+    left: list[str] = []
+
+    def finalizer(agen: Any) -> None:
+        if "/relay/" in agen.ag_code.co_filename:
+            left.append(agen.__qualname__)
+        hooks.finalizer(agen)
+
+    sys.set_asyncgen_hooks(firstiter=hooks.firstiter, finalizer=finalizer)
+    try:
+        async with RelayClient(f"127.0.0.1:{relay.port}") as caller:
+            for i in range(20):
+                answer = await caller.send(request(apns_token(), request_id=f"r{i}"), timeout=10)
+                assert answer.results[0].outcome == pb.DELIVERED
+        gc.collect()
+    finally:
+        sys.set_asyncgen_hooks(*hooks)
+    assert left == []
