@@ -587,15 +587,18 @@ class _Buffer:
     acknowledged (its flow control credit returned) once a read reaches it, as grpclib's own
     does, so a caller can send no more than the relay reads. grpclib's makes an
     ``asyncio.Queue`` per call and goes through it for every read; this one waits on a future
-    only when a read finds too little (``SendStream`` ~3 % a push, bench/RESULTS.md).
+    only when a read finds too little (``SendStream`` ~3 % a push, bench/RESULTS.md). Its
+    chunks sit in lists: a request is one chunk or a few, and a deque's first block alone is
+    ~0.6 KiB, held for as long as the call (bench/RESULTS.md).
     """
 
-    __slots__ = ("_ack", "_eof", "_pending", "_read", "_size", "_waiter")
+    __slots__ = ("_connection", "_eof", "_pending", "_read", "_size", "_stream_id", "_waiter")
 
-    def __init__(self, ack: Callable[[int], None]) -> None:
-        self._ack = ack
-        self._pending: collections.deque[tuple[bytes, int]] = collections.deque()  # unacked
-        self._read: collections.deque[bytes] = collections.deque()  # acked, not yet read
+    def __init__(self, connection: ProtocolConnection, stream_id: int) -> None:
+        self._connection = connection  # acknowledges what was read (connection.ack)
+        self._stream_id = stream_id
+        self._pending: list[tuple[bytes, int]] = []  # unacked
+        self._read: list[bytes] = []  # acked, not yet read
         self._size = 0  # bytes in _read
         self._eof = False
         self._waiter: asyncio.Future[None] | None = None
@@ -619,12 +622,12 @@ class _Buffer:
         """``size`` bytes; b"" once the caller has ended the stream and none are left."""
         while True:
             while self._size < size and self._pending:
-                data, ack_size = self._pending.popleft()
+                data, ack_size = self._pending.pop(0)
                 if data:
                     self._read.append(data)
                     self._size += len(data)
                 if ack_size:
-                    self._ack(ack_size)
+                    self._connection.ack(self._stream_id, ack_size)
             if self._size >= size or (self._eof and not self._pending):
                 break
             self._waiter = asyncio.get_running_loop().create_future()
@@ -639,15 +642,15 @@ class _Buffer:
         self._size -= size
         first = self._read[0]
         if len(first) == size:
-            return self._read.popleft()
+            return self._read.pop(0)
         if len(first) > size:
             self._read[0] = first[size:]
             return first[:size]
         chunks = []
         while size:
-            chunk = self._read.popleft()
+            chunk = self._read.pop(0)
             if len(chunk) > size:
-                self._read.appendleft(chunk[size:])
+                self._read.insert(0, chunk[size:])
                 chunk = chunk[:size]
             chunks.append(chunk)
             size -= len(chunk)
@@ -693,12 +696,49 @@ class _LeanStream(ProtocolStream):
         self._transport = connection._transport
         self.wrapper = None
         self.id = stream_id
-        buffer: Any = _Buffer(functools.partial(connection.ack, stream_id))
+        buffer: Any = _Buffer(connection, stream_id)
         self.buffer = buffer
         connection.streams_started += 1
         self.created = connection.last_stream_created = time.monotonic()
         flag: Any = _Flag()
         self.window_updated = self.headers_received = self.trailers_received = flag
+
+
+# Header fields whose values repeat from call to call (never a credential, nor grpc-timeout):
+# their decoded pairs are kept and shared by every call that carries them.
+_REPEATED = frozenset(
+    {
+        b":method",
+        b":scheme",
+        b":path",
+        b":authority",
+        b"content-type",
+        b"te",
+        b"user-agent",
+        b"grpc-accept-encoding",
+        b"grpc-encoding",
+        b"accept-encoding",
+    }
+)
+_DECODED: dict[tuple[bytes, bytes], tuple[str, str]] = {}
+_DECODED_MAX = 1024  # pairs; beyond it (callers sending ever new values) nothing more is kept
+
+
+def _decoded(raw: Any) -> list[tuple[str, str]]:
+    """A request's headers as h2 hands them over (bytes, see _Server), decoded once as plain
+    tuples (h2's own decoding made a second ``HeaderTuple`` of each); the repeated ones are
+    looked up rather than decoded, and held once per process rather than once per call in
+    flight (~1.6 KiB a unary call, bench/RESULTS.md)."""
+    headers = []
+    for header in raw:
+        pair = _DECODED.get(header)
+        if pair is None:
+            name, value = header
+            pair = (name.decode("ascii"), value.decode("ascii"))
+            if name in _REPEATED and len(_DECODED) < _DECODED_MAX:
+                _DECODED[bytes(name), bytes(value)] = pair
+        headers.append(pair)
+    return headers
 
 
 class _Handler(_GrpclibHandler):
@@ -715,9 +755,7 @@ class _Handler(_GrpclibHandler):
         self._lean = lean
 
     def request_received(self, processor: EventsProcessor, event: RequestReceived) -> None:
-        # h2 hands over the headers as bytes (see _Server): decoded here once, as plain tuples
-        # (h2's own decoding made a second HeaderTuple of each).
-        headers = [(name.decode("ascii"), value.decode("ascii")) for name, value in event.headers]
+        headers = _decoded(event.headers)
         method = content = te = path = encoding = ""
         for name, value in headers:
             if name == ":path":
@@ -739,7 +777,7 @@ class _Handler(_GrpclibHandler):
             or content not in ("application/grpc", "application/grpc+proto")
         ):
             stream = processor.connection.create_stream(stream_id=event.stream_id)
-            stream.buffer = _Buffer(functools.partial(processor.connection.ack, event.stream_id))
+            stream.buffer = _Buffer(processor.connection, event.stream_id)
         else:
             stream = _LeanStream(processor.connection, event.stream_id)
         if encoding:
