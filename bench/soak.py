@@ -7,8 +7,12 @@
 spread across the three platforms, while the fakes answer 5 % of requests with a 503 (the relay
 retries them within its budget). It prints the relay's RSS and open descriptors (from its own
 /metrics: the process is non-dumpable, so /proc/<pid> is not ours to read) idle, after a warm-up
-at the same load (the baseline) and at the end; then what was delivered, every outcome, p50/p99
-and the circuit transitions. Memory and descriptors must not grow: compare the last two lines.
+at the same load and at the end, each read twice: as the load stops, and settled, once the relay
+has been idle for ``--settle`` seconds (it hands free heap pages back every 10 s). The settled
+pair is the growth: read as the load stops, RSS is the high-water mark of the last burst of calls
+in flight (this process shares the machine's two cores with the relay, so it stalls and then
+sends in bursts), which the relay gives back. Then what was delivered, every outcome, p50/p99 and
+the circuit transitions. Memory and descriptors must not grow: compare the last two lines.
 """
 
 from __future__ import annotations
@@ -204,12 +208,17 @@ async def _run(
     _print_process("idle ", start)
     warm = argparse.Namespace(**{**vars(args), "seconds": args.warmup})
     await _load(warm, grpc_port, fakes)  # connections, tokens, caches: then the baseline
+    _print_process(f"after {args.warmup:g} s warm-up", await _process_metrics(http_port))
+    await asyncio.sleep(args.settle)
     start = await _process_metrics(http_port)
-    _print_process(f"after {args.warmup:g} s warm-up", start)
+    _print_process(f"  settled ({args.settle:g} s idle)", start)
     result = await _load(args, grpc_port, fakes)
     await asyncio.sleep(1)  # let the last answers settle
+    loaded = await _process_metrics(http_port)
+    _print_process("end  ", loaded)
+    await asyncio.sleep(args.settle)
     end = await _process_metrics(http_port)
-    _print_process("end  ", end)
+    _print_process(f"  settled ({args.settle:g} s idle)", end)
     delivered = sum(n for k, n in result["outcomes"].items() if k.endswith(":DELIVERED"))
     print(
         f"  sent {result['sent']}, delivered {delivered} ({delivered / max(result['sent'], 1):.1%})"
@@ -219,8 +228,10 @@ async def _run(
     print(f"  latency p50 {result['p50'] * 1000:.1f} ms, p99 {result['p99'] * 1000:.1f} ms")
     print(f"  circuit opened: {end.get('circuit_opened', 0):.0f} times")
     growth = end["process_resident_memory_bytes"] / start["process_resident_memory_bytes"] - 1
+    burst = loaded["process_resident_memory_bytes"] / start["process_resident_memory_bytes"] - 1
     descriptors = end["process_open_fds"] - start["process_open_fds"]
-    print(f"  RSS {growth:+.1%}, descriptors {descriptors:+.0f}")
+    print(f"  RSS as the load stopped {burst:+.1%} (the last burst's high-water mark)")
+    print(f"  RSS settled {growth:+.1%}, descriptors {descriptors:+.0f}")
     return 0
 
 
@@ -230,6 +241,9 @@ def main() -> int:
     parser.add_argument("--rate", type=float, default=300.0, help="Send calls per second")
     parser.add_argument("--error-rate", type=float, default=0.05)
     parser.add_argument("--warmup", type=float, default=10.0, help="load before the baseline")
+    parser.add_argument(
+        "--settle", type=float, default=12.0, help="idle seconds before each settled reading"
+    )
     return asyncio.run(_soak(parser.parse_args()))
 
 
