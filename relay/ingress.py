@@ -16,7 +16,12 @@ with grpclib against ~115 µs with grpc.aio, and a unary call ~220 against ~240 
   the same process);
 - :class:`Listener`: one listening server and its connections, with a graceful stop: no new
   connection, a GOAWAY to every client, calls in flight finish within the grace, then the rest
-  are cancelled.
+  are cancelled;
+- the hot path beneath grpclib: unary ``Send`` on a lean path (:class:`UnaryStream`,
+  :class:`_LeanStream`), answers that fit the caller's window written as prebuilt frames with
+  h2's state kept in step (:func:`_answer`, :func:`send_streamed`), requests read through a
+  lighter buffer (:class:`_Buffer`), headers decoded once (:func:`_decoded`). Each was measured
+  side by side (bench/RESULTS.md); grpclib is pinned below 0.5 for the internals they touch.
 """
 
 from __future__ import annotations
@@ -771,19 +776,20 @@ class _Handler(_GrpclibHandler):
         lean = self._lean.get(path)
         stream: Any
         if (
-            lean is None
-            or method != "POST"
-            or te != "trailers"
-            or content not in ("application/grpc", "application/grpc+proto")
+            lean is not None
+            and method == "POST"
+            and te == "trailers"
+            and content in ("application/grpc", "application/grpc+proto")
         ):
+            stream = _LeanStream(processor.connection, event.stream_id)
+        else:
+            lean = None
             stream = processor.connection.create_stream(stream_id=event.stream_id)
             stream.buffer = _Buffer(processor.connection, event.stream_id)
-        else:
-            stream = _LeanStream(processor.connection, event.stream_id)
         if encoding:
             stream.grpc_encoding = encoding  # for messages(): grpclib keeps no grpc- header
         release_stream = processor.register(stream)
-        if lean is None or type(stream) is not _LeanStream:
+        if lean is None:
             self.accept(stream, headers, release_stream)
             return
         # The call's task leaves the handler's table as it ends (grpclib's own path instead
