@@ -18,6 +18,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from pushrelay.v1 import relay_pb2 as pb
+from relay import ingress
 from relay.auth import ANYONE, Authenticator, Caller, check_apps
 from relay.client import RelayClient
 from relay.config import ClientConfig, Config
@@ -307,3 +308,19 @@ def test_the_open_api_lets_anyone_use_any_app() -> None:
         check_apps(caller, ["chat-ios"] + ["chat-web"] * 12)
     assert str(info.value).startswith("devices[1].app_id: client chat-eu may not use app chat-web")
     assert str(info.value).endswith("; and 2 more")
+
+
+async def test_the_listener_keeps_no_credential_among_the_headers_it_keeps_decoded(
+    guarded: RelayServer, fake_apns: FakeAPNs
+) -> None:
+    """The gRPC listener keeps the decoded pairs of header fields that repeat from call to call
+    (relay/ingress.py); a bearer token is never among them, nor any custom metadata."""
+    async with RelayClient(f"127.0.0.1:{guarded.port}", token=EU_TOKEN) as caller:
+        answer = await caller.send(request(apns_token()), timeout=10)
+        [streamed] = [a async for a in caller.send_many([request(apns_token())], timeout=10)]
+    assert answer.results[0].outcome == streamed.results[0].outcome == pb.DELIVERED
+    kept = list(ingress._DECODED.values())
+    names = {name for name, _ in kept}
+    assert {":path", ":authority", "content-type"} <= names
+    assert "authorization" not in names and "grpc-timeout" not in names
+    assert not any(EU_TOKEN in value for _, value in kept)
