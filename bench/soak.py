@@ -3,16 +3,18 @@
     .venv/bin/python bench/soak.py [--seconds 60] [--rate 300] [--error-rate 0.05]
 
 ``push-relay serve`` runs in its own process against the bundled fake APNs, FCM and Web Push
-(in this process, on loopback); this process sends one-device ``Send`` calls at a fixed rate,
-spread across the three platforms, while the fakes answer 5 % of requests with a 503 (the relay
-retries them within its budget). It prints the relay's RSS and open descriptors (from its own
-/metrics: the process is non-dumpable, so /proc/<pid> is not ours to read) idle, after a warm-up
-at the same load and at the end, each read twice: as the load stops, and settled, once the relay
-has been idle for ``--settle`` seconds (it hands free heap pages back every 10 s). The settled
-pair is the growth: read as the load stops, RSS is the high-water mark of the last burst of calls
-in flight (this process shares the machine's two cores with the relay, so it stalls and then
-sends in bursts), which the relay gives back. Then what was delivered, every outcome, p50/p99 and
-the circuit transitions. Memory and descriptors must not grow: compare the last two lines.
+(in this process, on loopback; their CA trusted through the system store, as Apple's and
+Google's are, or with ``--ca-file`` through each app's ``ca_file``); this process sends
+one-device ``Send`` calls at a fixed rate, spread across the three platforms, while the fakes
+answer 5 % of requests with a 503 (the relay retries them within its budget). The relay and this
+process run on a core each when there are two. It prints the relay's RSS and open descriptors
+(from its own /metrics: the process is non-dumpable, so /proc/<pid> is not ours to read) idle,
+after a warm-up at the same load and at the end, each read twice: as the load stops, and
+settled, once the relay has been idle for ``--settle`` seconds (it hands free heap pages back
+every 10 s). The settled pair is the growth: read as the load stops, RSS is the high-water mark
+of the last burst of calls in flight (this process stalls at times and then sends in bursts),
+which the relay gives back. Then what was delivered, every outcome, p50/p99, this process's own
+CPU and the circuit transitions. Memory and descriptors must not grow: compare the last lines.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ import os
 import random
 import shutil
 import socket
+import ssl
 import statistics
 import sys
 import tempfile
@@ -50,8 +53,17 @@ def _port() -> int:
         return int(sock.getsockname()[1])
 
 
-def _config(work: Path, pki: TestPKI, key: ApnsKey, fakes: dict[str, Any]) -> tuple[Path, int, int]:
+def _config(
+    work: Path, pki: TestPKI, key: ApnsKey, fakes: dict[str, Any], ca_file: bool
+) -> tuple[Path, int, int]:
     (work / "ca.pem").write_bytes(pki.ca_pem)
+    # The fakes' CA is trusted as Apple's and Google's are, through the system's store
+    # (SSL_CERT_FILE, see _soak), unless --ca-file: then each app names it (ca_file), and
+    # libcurl holds a copy of the whole trust blob (~220 KiB) for every request in flight.
+    system = ssl.get_default_verify_paths().openssl_cafile
+    bundle = Path(system).read_bytes() if os.path.exists(system) else b""
+    (work / "trust.pem").write_bytes(bundle + b"\n" + pki.ca_pem)
+    trust = {"ca_file": "ca.pem"} if ca_file else {}
     (work / "apns.p8").write_bytes(key.key_pem)
     (work / "sa.json").write_text(fakes["fcm"].service_account().to_json())
     (work / "vapid.pem").write_bytes(vapid_key_pem())
@@ -62,10 +74,10 @@ def _config(work: Path, pki: TestPKI, key: ApnsKey, fakes: dict[str, Any]) -> tu
                    "log_level": "warning"},
         "apps": [
             {"id": "chat-ios", "platform": "apns", "topic": "com.example.chat", "auth": auth,
-             "endpoint": fakes["apns"].url, "ca_file": "ca.pem"},
+             "endpoint": fakes["apns"].url, **trust},
             {"id": "chat-android", "platform": "fcm", "service_account_file": "sa.json",
-             "endpoint": fakes["fcm"].url, "ca_file": "ca.pem"},
-            {"id": "chat-web", "platform": "webpush", "ca_file": "ca.pem",
+             "endpoint": fakes["fcm"].url, **trust},
+            {"id": "chat-web", "platform": "webpush", **trust,
              "vapid": {"private_key_file": "vapid.pem", "subject": "mailto:ops@example.com"},
              "allowed_endpoints": ["127.0.0.1"]},
         ],
@@ -175,7 +187,7 @@ async def _soak(args: argparse.Namespace) -> int:
             FakeWebPush(pki=pki) as webpush,
         ):
             fakes = {"apns": apns, "fcm": fcm, "webpush": webpush}
-            config, grpc_port, http_port = _config(work, pki, key, fakes)
+            config, grpc_port, http_port = _config(work, pki, key, fakes, args.ca_file)
             # The relay and this process (the fakes and the load) on cores of their own, when
             # there are two: sharing both, this process stalled and then sent in bursts.
             cores = sorted(os.sched_getaffinity(0))
@@ -184,7 +196,11 @@ async def _soak(args: argparse.Namespace) -> int:
                 os.sched_setaffinity(0, set(cores[1:]))
             relay = await asyncio.create_subprocess_exec(
                 str(Path(sys.executable).with_name("push-relay")), "serve", "--config", str(config),
-                env={**os.environ, "PYTHONDONTWRITEBYTECODE": "1"},
+                env={
+                    **os.environ,
+                    "PYTHONDONTWRITEBYTECODE": "1",
+                    "SSL_CERT_FILE": str(work / "trust.pem"),
+                },
                 preexec_fn=(lambda: os.sched_setaffinity(0, {cores[0]})) if pinned else None,
             )  # fmt: skip
             try:
@@ -252,6 +268,11 @@ def main() -> int:
     parser.add_argument("--rate", type=float, default=300.0, help="Send calls per second")
     parser.add_argument("--error-rate", type=float, default=0.05)
     parser.add_argument("--warmup", type=float, default=10.0, help="load before the baseline")
+    parser.add_argument(
+        "--ca-file",
+        action="store_true",
+        help="trust the fakes through each app's ca_file instead of the system store",
+    )
     parser.add_argument(
         "--settle", type=float, default=12.0, help="idle seconds before each settled reading"
     )
