@@ -412,30 +412,42 @@ def _answer(h2: H2Connection, stream_id: int, data: bytes) -> None:
     it, with the same state changes, from prebuilt header blocks: h2's own path builds,
     encodes and serializes three frames (~27 of ~32 µs a call, bench/RESULTS.md).
 
-    The caller has checked that ``data`` fits the stream's window and one frame, and that no
-    HPACK table size update is pending (that must lead the next header block h2 encodes).
+    The caller has checked that ``data`` :func:`_fits`, and that no HPACK table size update is
+    pending (that must lead the next header block h2 encodes).
     """
+    _headers_frame(h2, stream_id, _OK_HEADERS_BLOCK, end_stream=False)
+    _data_frame(h2, stream_id, data)
+    _headers_frame(h2, stream_id, _OK_TRAILERS_BLOCK, end_stream=True)
+
+
+def _headers_frame(h2: H2Connection, stream_id: int, block: bytes, *, end_stream: bool) -> None:
+    """A prebuilt header ``block`` as one HEADERS frame into ``h2``'s outgoing bytes, with
+    ``send_headers``'s state changes."""
     stream = h2.streams[stream_id]
-    connection, own = h2.state_machine, stream.state_machine
-    connection.process_input(ConnectionInputs.SEND_HEADERS)
-    own.process_input(StreamInputs.SEND_HEADERS)
-    connection.process_input(ConnectionInputs.SEND_DATA)
-    own.process_input(StreamInputs.SEND_DATA)
+    h2.state_machine.process_input(ConnectionInputs.SEND_HEADERS)
+    stream.state_machine.process_input(StreamInputs.SEND_HEADERS)
+    flags = _END_HEADERS
+    if end_stream:
+        stream.state_machine.process_input(StreamInputs.SEND_END_STREAM)
+        flags |= _END_STREAM
+    h2._data_to_send += _frame_head(_HEADERS, flags, len(block), stream_id) + block
+
+
+def _data_frame(h2: H2Connection, stream_id: int, data: bytes) -> None:
+    """``data`` as one DATA frame into ``h2``'s outgoing bytes, with ``send_data``'s state
+    changes; the caller has checked that it :func:`_fits`."""
+    stream = h2.streams[stream_id]
+    h2.state_machine.process_input(ConnectionInputs.SEND_DATA)
+    stream.state_machine.process_input(StreamInputs.SEND_DATA)
     stream.outbound_flow_control_window -= len(data)
     h2.outbound_flow_control_window -= len(data)
-    connection.process_input(ConnectionInputs.SEND_HEADERS)
-    own.process_input(StreamInputs.SEND_HEADERS)
-    own.process_input(StreamInputs.SEND_END_STREAM)
-    h2._data_to_send += b"".join(
-        (
-            _frame_head(_HEADERS, _END_HEADERS, len(_OK_HEADERS_BLOCK), stream_id),
-            _OK_HEADERS_BLOCK,
-            _frame_head(_DATA, 0, len(data), stream_id),
-            data,
-            _frame_head(_HEADERS, _END_HEADERS | _END_STREAM, len(_OK_TRAILERS_BLOCK), stream_id),
-            _OK_TRAILERS_BLOCK,
-        )
-    )
+    h2._data_to_send += _frame_head(_DATA, 0, len(data), stream_id) + data
+
+
+def _fits(h2: H2Connection, stream_id: int, data: bytes) -> bool:
+    """Whether ``data`` can leave now as one DATA frame: within the stream's (and the
+    connection's) window and the caller's frame size."""
+    return len(data) <= min(h2.local_flow_control_window(stream_id), h2.max_outbound_frame_size)
 
 
 class UnaryStream:
@@ -472,7 +484,7 @@ class UnaryStream:
         await stream.connection.write_ready.wait()
         if stream.id not in h2.streams:
             raise StreamClosedError(stream.id)
-        fits = len(data) <= min(h2.local_flow_control_window(stream.id), h2.max_outbound_frame_size)
+        fits = _fits(h2, stream.id, data)
         if fits and not h2.encoder.header_table.resized:
             _answer(h2, stream.id, data)
             self._sent = self._trailed = True
@@ -527,17 +539,6 @@ class UnaryStream:
             )
 
 
-def _data_frame(h2: H2Connection, stream_id: int, data: bytes) -> None:
-    """``data`` as one DATA frame into ``h2``'s outgoing bytes, with ``send_data``'s state
-    changes; the caller has checked that it fits the stream's window and one frame."""
-    stream = h2.streams[stream_id]
-    h2.state_machine.process_input(ConnectionInputs.SEND_DATA)
-    stream.state_machine.process_input(StreamInputs.SEND_DATA)
-    stream.outbound_flow_control_window -= len(data)
-    h2.outbound_flow_control_window -= len(data)
-    h2._data_to_send += _frame_head(_DATA, 0, len(data), stream_id) + data
-
-
 async def send_streamed(stream: Stream[Any, Any], message: Any) -> None:
     """One answer on a streaming call: grpclib's ``send_message`` without its event dispatch,
     codec and chunking loop. An answer that fits the caller's window and one frame goes
@@ -552,7 +553,7 @@ async def send_streamed(stream: Stream[Any, Any], message: Any) -> None:
     if (
         own.connection.write_ready.is_set()
         and stream_id in h2.streams
-        and len(data) <= min(h2.local_flow_control_window(stream_id), h2.max_outbound_frame_size)
+        and _fits(h2, stream_id, data)
     ):
         _data_frame(h2, stream_id, data)
         own._transport.write(h2.data_to_send())
@@ -812,7 +813,7 @@ class _Handler(_GrpclibHandler):
 
 # GOAWAY, NO_ERROR, last stream 2^31-1: "stop opening streams here" (RFC 9113 §6.8), written
 # beside h2's own state (which would refuse every frame after a GOAWAY of its own).
-_GOAWAY = struct.pack(">I", 8)[1:] + bytes([7, 0]) + struct.pack(">IIi", 0, 0x7FFFFFFF, 0)
+_GOAWAY = _frame_head(7, 0, 8, 0) + struct.pack(">Ii", 0x7FFFFFFF, 0)
 
 
 class _Connection(H2Connection):
