@@ -403,6 +403,7 @@ def _write_config(sink: Sink, work: Path, grpc_port: int, http_port: int) -> tup
     from relay.testing._fcm_oauth import ServiceAccount
     from relay.testing.credentials import ApnsKey
     from relay.testing.device import TestSubscription
+    from relay.testing.tls import system_trust_with
 
     key = ApnsKey.generate()
     (work / "ca.pem").write_bytes(sink.ca_pem)
@@ -415,9 +416,7 @@ def _write_config(sink: Sink, work: Path, grpc_port: int, http_port: int) -> tup
     sub = TestSubscription.generate()
     # The relay trusts the sink as it trusts Apple and Google: through the system's store
     # (SSL_CERT_FILE, see _start_relay), not a ca_file, whose blob libcurl copies per handle.
-    system = ssl.get_default_verify_paths().openssl_cafile
-    bundle = Path(system).read_bytes() if os.path.exists(system) else b""
-    (work / "trust.pem").write_bytes(bundle + b"\n" + sink.ca_pem)
+    (work / "trust.pem").write_bytes(system_trust_with(sink.ca_pem))
     apns = {"platform": "apns", "topic": TOPIC, "max_concurrency": 1000}
     auth = {"key_file": "apns.p8", "key_id": key.key_id, "team_id": key.team_id}
     config = {

@@ -27,7 +27,6 @@ import os
 import random
 import shutil
 import socket
-import ssl
 import statistics
 import sys
 import tempfile
@@ -44,7 +43,7 @@ from relay.testing.credentials import ApnsKey
 from relay.testing.fake_apns import FakeAPNs
 from relay.testing.fake_fcm import FakeFCM
 from relay.testing.fake_webpush import FakeWebPush
-from relay.testing.tls import TestPKI
+from relay.testing.tls import TestPKI, system_trust_with
 
 
 def _port() -> int:
@@ -60,9 +59,7 @@ def _config(
     # The fakes' CA is trusted as Apple's and Google's are, through the system's store
     # (SSL_CERT_FILE, see _soak), unless --ca-file: then each app names it (ca_file), and
     # libcurl holds a copy of the whole trust blob (~220 KiB) for every request in flight.
-    system = ssl.get_default_verify_paths().openssl_cafile
-    bundle = Path(system).read_bytes() if os.path.exists(system) else b""
-    (work / "trust.pem").write_bytes(bundle + b"\n" + pki.ca_pem)
+    (work / "trust.pem").write_bytes(system_trust_with(pki.ca_pem))
     trust = {"ca_file": "ca.pem"} if ca_file else {}
     (work / "apns.p8").write_bytes(key.key_pem)
     (work / "sa.json").write_text(fakes["fcm"].service_account().to_json())

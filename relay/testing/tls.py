@@ -137,6 +137,18 @@ def _client_cert_builder(
     )
 
 
+def system_trust_with(ca_pem: bytes) -> bytes:
+    """The system's trust store (as ``ssl`` finds it) plus ``ca_pem``: a bundle for a process
+    given ``SSL_CERT_FILE``, which then trusts a local fake as it trusts Apple and Google
+    (the benchmarks and the soak; an app's ``ca_file`` would give libcurl a copy of the whole
+    blob per request in flight)."""
+    system = ssl.get_default_verify_paths().openssl_cafile
+    if system and os.path.exists(system):
+        with open(system, "rb") as file:
+            return file.read() + b"\n" + ca_pem
+    return b"\n" + ca_pem
+
+
 def certificate_uid(cert: x509.Certificate) -> str | None:
     """The subject UID of a certificate (an APNs certificate's bundle id), if any."""
     values = cert.subject.get_attributes_for_oid(NameOID.USER_ID)
