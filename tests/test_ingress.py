@@ -22,10 +22,11 @@ import h2.events
 import h2.settings
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from hyperframe.frame import Frame, GoAwayFrame
+from hyperframe.frame import DataFrame, Frame, GoAwayFrame, RstStreamFrame, WindowUpdateFrame
 
 from pushrelay.v1 import relay_pb2 as pb
 from pushrelay.v1 import relay_pb2_grpc
+from relay import ingress
 from relay.client import RelayClient
 from relay.config import Config
 from relay.interceptors import SERVICE_NAME
@@ -69,38 +70,48 @@ async def _raw_calls(
     answer's DATA and trailers, and the caller's side of the connection."""
     reader, writer, conn = await _h2_client(port)
     conn.update_settings(settings)
-    answers = []
     try:
-        for body in bodies:
-            stream = conn.get_next_available_stream_id()
-            headers = [
-                (":method", "POST"),
-                (":scheme", "http"),
-                (":path", path),
-                (":authority", f"127.0.0.1:{port}"),
-                ("content-type", "application/grpc"),
-                ("te", "trailers"),
-            ]
-            conn.send_headers(stream, headers)
-            size = conn.max_outbound_frame_size
-            for at in range(0, len(body), size):
-                conn.send_data(stream, body[at : at + size], end_stream=at + size >= len(body))
-            writer.write(conn.data_to_send())
-            data, trailers = b"", {}
-            while not trailers:
-                chunk = await asyncio.wait_for(reader.read(65536), 10)
-                assert chunk, "the relay closed the connection"
-                for event in conn.receive_data(chunk):
-                    if isinstance(event, h2.events.DataReceived):
-                        data += event.data
-                        conn.acknowledge_received_data(event.flow_controlled_length, stream)
-                    elif isinstance(event, h2.events.TrailersReceived):
-                        trailers = dict(event.headers)
-                writer.write(conn.data_to_send())
-            answers.append((data, trailers))
+        answers = [await _call_on(reader, writer, conn, port, path, body) for body in bodies]
     finally:
         writer.close()
     return answers, conn
+
+
+async def _call_on(
+    reader: asyncio.StreamReader,
+    writer: asyncio.StreamWriter,
+    conn: h2.connection.H2Connection,
+    port: int,
+    path: str,
+    body: bytes,
+) -> tuple[bytes, dict]:
+    """One call on a raw connection: the answer's DATA and its trailers."""
+    stream = conn.get_next_available_stream_id()
+    headers = [
+        (":method", "POST"),
+        (":scheme", "http"),
+        (":path", path),
+        (":authority", f"127.0.0.1:{port}"),
+        ("content-type", "application/grpc"),
+        ("te", "trailers"),
+    ]
+    conn.send_headers(stream, headers)
+    size = conn.max_outbound_frame_size
+    for at in range(0, len(body), size):
+        conn.send_data(stream, body[at : at + size], end_stream=at + size >= len(body))
+    writer.write(conn.data_to_send())
+    data, trailers = b"", {}
+    while not trailers:
+        chunk = await asyncio.wait_for(reader.read(65536), 10)
+        assert chunk, "the relay closed the connection"
+        for event in conn.receive_data(chunk):
+            if isinstance(event, h2.events.DataReceived):
+                data += event.data
+                conn.acknowledge_received_data(event.flow_controlled_length, stream)
+            elif isinstance(event, h2.events.TrailersReceived):
+                trailers = dict(event.headers)
+        writer.write(conn.data_to_send())
+    return data, trailers
 
 
 @pytest.mark.parametrize("path", [SEND, SEND_STREAM])
@@ -268,6 +279,38 @@ async def test_closed_streams_are_still_forgotten(relay: RelayServer, fake_apns:
         tasks = dict(connection.handler._tasks)
     assert held <= 65
     assert not tasks
+
+
+async def test_a_connection_remembers_a_bounded_number_of_closed_streams(
+    relay: RelayServer, fake_apns: FakeAPNs, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """h2 remembers how each closed stream closed, for a connection's last 2^16 streams: ~14 MiB
+    on every long-lived caller's connection. The relay keeps the last MAX_CLOSED_STREAMS
+    (here 50), and the frames a caller may still send on a stream past that record
+    (RST_STREAM, WINDOW_UPDATE, DATA) leave the connection serving."""
+    monkeypatch.setattr(ingress._Connection, "MAX_CLOSED_STREAMS", 50)
+    reader, writer, conn = await _h2_client(relay.port)
+    try:
+        for i in range(200):
+            body = _grpc_message(request(apns_token(), request_id=f"r{i}"))
+            await _call_on(reader, writer, conn, relay.port, SEND, body)
+        assert relay._server is not None
+        [connection] = relay._server._server.connections
+        assert len(connection.connection._connection._closed_streams) <= 50
+        late = RstStreamFrame(1)
+        late.error_code = 8  # CANCEL
+        update = WindowUpdateFrame(1)
+        update.window_increment = 1000
+        data = DataFrame(1)
+        data.data = b"late"
+        writer.write(late.serialize() + update.serialize() + data.serialize())
+        body = _grpc_message(request(apns_token(), request_id="after"))
+        answer, trailers = await _call_on(reader, writer, conn, relay.port, SEND, body)
+    finally:
+        writer.close()
+    assert trailers == {b"grpc-status": b"0"}
+    assert pb.SendResponse.FromString(answer[5:]).results[0].outcome == pb.DELIVERED
+    assert relay._server._server.connections == {connection}
 
 
 async def test_a_unary_call_the_caller_cancels_is_ended_and_counted(
