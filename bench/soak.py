@@ -13,7 +13,9 @@ after a warm-up at the same load and at the end, each read twice: as the load st
 settled, once the relay has been idle for ``--settle`` seconds (it hands free heap pages back
 every 10 s). The settled pair is the growth: read as the load stops, RSS is the high-water mark
 of the last burst of calls in flight (this process stalls at times and then sends in bursts),
-which the relay gives back. Then what was delivered, every outcome, p50/p99, this process's own
+which the relay gives back. Then what was delivered, every outcome (a call that failed whole
+by its status, and the seconds such calls were sent in: RESOURCE_EXHAUSTED is the relay's
+in-flight cap refusing a burst this process sent after a stall), p50/p99, this process's own
 CPU and the circuit transitions. Memory and descriptors must not grow: compare the last lines.
 """
 
@@ -128,6 +130,7 @@ def _inject(platform: str, fake: Any) -> None:
 async def _load(args: argparse.Namespace, port: int, fakes: dict[str, Any]) -> dict[str, Any]:
     outcomes: collections.Counter[str] = collections.Counter()
     latencies: list[float] = []
+    failed: list[float] = []  # when each call that failed whole was sent, from the start
     platforms = ("apns", "fcm", "webpush")
     loop = asyncio.get_running_loop()
     pending: set[asyncio.Task[None]] = set()
@@ -147,8 +150,11 @@ async def _load(args: argparse.Namespace, port: int, fakes: dict[str, Any]) -> d
             started = loop.time()
             try:
                 response = await client.send(request, timeout=10)
-            except Exception as error:  # the call failed whole: count it by type
-                outcomes[f"call:{type(error).__name__}"] += 1
+            except Exception as error:  # the call failed whole: count it by type and status
+                code = getattr(error, "code", None)
+                status = f":{code().name}" if callable(code) else ""
+                outcomes[f"call:{type(error).__name__}{status}"] += 1
+                failed.append(started - start)
                 return
             latencies.append(loop.time() - started)
             result = response.results[0]
@@ -171,7 +177,7 @@ async def _load(args: argparse.Namespace, port: int, fakes: dict[str, Any]) -> d
             i += 1
         await asyncio.gather(*pending)
     cuts = statistics.quantiles(latencies, n=100) if len(latencies) > 100 else [0.0] * 99
-    return {"sent": i, "outcomes": outcomes, "p50": cuts[49], "p99": cuts[98]}
+    return {"sent": i, "outcomes": outcomes, "p50": cuts[49], "p99": cuts[98], "failed": failed}
 
 
 async def _soak(args: argparse.Namespace) -> int:
@@ -248,6 +254,12 @@ async def _run(
     )
     for name, count in sorted(result["outcomes"].items()):
         print(f"    {name:28s} {count}")
+    if result["failed"]:
+        seconds = sorted({int(t) for t in result["failed"]})
+        print(
+            f"    the calls that failed whole were sent in {len(seconds)} distinct seconds, "
+            f"from {seconds[0]} s to {seconds[-1]} s into the load"
+        )
     print(f"  latency p50 {result['p50'] * 1000:.1f} ms, p99 {result['p99'] * 1000:.1f} ms")
     print(f"  this process (fakes and load): {own:.0f} % of a core")
     print(f"  circuit opened: {end.get('circuit_opened', 0):.0f} times")
