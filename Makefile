@@ -12,7 +12,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: demo test test-tools bench bytecode check lint types format proto
+.PHONY: demo test test-tools bench bench-peer bytecode check lint types format proto
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -36,6 +36,13 @@ bench: $(STAMP) bytecode
 	@sh scripts/install-test-tools.sh nginx:nginx-light \
 		/usr/lib/nginx/modules/ngx_http_echo_module.so:libnginx-mod-http-echo
 	$(BIN)/python bench/bench_push.py
+
+# The peer gateway beside the relay (bench/peer.py): Sygnal is not on PyPI, so it is installed
+# by hand into a venv of its own, whose Python SYGNAL_PYTHON names.
+bench-peer: $(STAMP) bytecode
+	@sh scripts/install-test-tools.sh nginx:nginx-light \
+		/usr/lib/nginx/modules/ngx_http_echo_module.so:libnginx-mod-http-echo
+	$(BIN)/python bench/peer.py --sygnal-python "$(SYGNAL_PYTHON)"
 
 # System tools some tests run (promtool, strace): installed when missing, as root with apt-get.
 test-tools:

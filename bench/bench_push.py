@@ -376,9 +376,11 @@ class Run:
         return row
 
 
-def _print_row(name: str, row: dict[str, float]) -> None:
+def _print_row(name: str, row: dict[str, float], server: str = "relay") -> None:
+    """One phase's line; ``server`` names the process whose CPU a push is shown (the relay, or
+    the peer gateway in ``bench/peer.py``)."""
     if "relay_us" in row:
-        cost = f"relay {row['relay_us']:6.0f} µs/push ({row['relay_pct']:3.0f}% core)"
+        cost = f"{server} {row['relay_us']:6.0f} µs/push ({row['relay_pct']:3.0f}% core)"
         side = f"load gen {row['load_pct']:3.0f}%  RSS {row['rss_mib']:5.1f} MiB"
     else:
         cost = f"client {row['client_us']:5.0f} µs/push ({row['client_pct']:3.0f}% core)"
