@@ -348,6 +348,13 @@ class Run:
         command += ["--rate", str(rate)]
         if relay:
             command += ["--target", self.args.target, "--app", app]
+        return self.measure(name, command, relay)
+
+    def measure(
+        self, name: str, command: list[str], relay: int, server: str = "relay"
+    ) -> dict[str, float]:
+        """Run ``command``, a worker printing :func:`_drive`'s figures; measure the sink and,
+        if ``relay`` names one, the server under test (``server`` in the printed line)."""
         sink_pid = self.sink.process.pid if self.sink.process else 0
         before = {pid: _cpu_seconds(pid) for pid in (sink_pid, relay) if pid}
         worker = subprocess.Popen(command, stdout=subprocess.PIPE, text=True)
@@ -372,7 +379,7 @@ class Run:
             row["client_us"] = 1e6 * row["cpu_s"] / count
             row["client_pct"] = 100 * row["cpu_s"] / self.args.seconds
         self.rows[name] = row
-        _print_row(name, row)
+        _print_row(name, row, server)
         return row
 
 

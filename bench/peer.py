@@ -128,27 +128,10 @@ def _sygnal_phase(
         load = ["taskset", "-c", bench.SIDE_CORE, sys.executable, __file__, "--worker", "sygnal"]
         load += ["--port", str(port), "--inflight", "64"]
         load += ["--seconds", str(args.seconds), "--warmup", str(args.warmup)]
-        sink_pid = run.sink.process.pid if run.sink.process else 0
-        before = {pid: bench._cpu_seconds(pid) for pid in (sink_pid, sygnal.pid)}
-        worker = subprocess.Popen(load, stdout=subprocess.PIPE, text=True)
-        peak = bench._peak_rss_mib(worker, sygnal.pid, args.warmup)
-        out, _ = worker.communicate()
-        if worker.returncode:
-            raise subprocess.CalledProcessError(worker.returncode, load)
-        after = {pid: bench._cpu_seconds(pid) for pid in before}
+        run.measure(SYGNAL, load, sygnal.pid, server="Sygnal")
     finally:
         sygnal.terminate()
         sygnal.wait(15)
-    row = json.loads(out)
-    total = args.seconds + args.warmup
-    pushes = max(row["rate"] * total, 1)
-    row["sink_pct"] = 100 * (after[sink_pid] - before[sink_pid]) / total
-    row["relay_us"] = 1e6 * (after[sygnal.pid] - before[sygnal.pid]) / pushes
-    row["relay_pct"] = 100 * (after[sygnal.pid] - before[sygnal.pid]) / total
-    row["load_pct"] = 100 * row["cpu_s"] / args.seconds
-    row["rss_mib"] = peak
-    run.rows[SYGNAL] = row
-    bench._print_row(SYGNAL, row, server="Sygnal")
 
 
 async def _sygnal_load(args: argparse.Namespace) -> dict[str, float]:
@@ -218,9 +201,10 @@ def _run(args: argparse.Namespace) -> int:
     if problem:
         print(f"peer: {problem}; `make bench` installs it", file=sys.stderr)
         return 2
-    if not Path(args.sygnal_python).exists():
+    if not args.sygnal_python or not Path(args.sygnal_python).is_file():
+        where = args.sygnal_python or "--sygnal-python (SYGNAL_PYTHON= for make)"
         print(
-            f"peer: no Python at {args.sygnal_python} (see this file's docstring)", file=sys.stderr
+            f"peer: no Python at {where}; see bench/peer.py on installing Sygnal", file=sys.stderr
         )
         return 2
     work = Path(tempfile.mkdtemp(prefix="push-relay-peer-"))
