@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import itertools
 import json
 import os
@@ -34,7 +35,7 @@ import tempfile
 import time
 import urllib.request
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -492,20 +493,34 @@ def _ratio(rows: dict[str, dict[str, float]], a: str, b: str, target: str) -> No
         print(f"  {a} / {b}{spread}: {rows[a]['rate'] / base:.2f}  (target {target})")
 
 
-def _run(args: argparse.Namespace) -> int:
+def _unavailable() -> str:
+    """Why this machine cannot run a bench on the sink ("" when it can)."""
     problem = available()
     if problem:
-        print(f"bench: {problem}; `make bench` installs it", file=sys.stderr)
-        return 2
+        return f"{problem}; `make bench` installs it"
     if (os.cpu_count() or 1) < 2:
-        print("bench: needs two cores (relay and sink pinned apart)", file=sys.stderr)
-        return 2
-    work = Path(tempfile.mkdtemp(prefix="push-relay-bench-"))
+        return "needs two cores (relay and sink pinned apart)"
+    return ""
+
+
+@contextlib.contextmanager
+def _on_sink(prefix: str) -> Iterator[tuple[Sink, Path]]:
+    """The nginx sink, pinned to its core, and a scratch directory removed afterwards."""
+    work = Path(tempfile.mkdtemp(prefix=prefix))
     try:
         with Sink(_free_port(), core=int(SIDE_CORE)) as sink:
-            return _phases(args, sink, work)
+            yield sink, work
     finally:
         shutil.rmtree(work, ignore_errors=True)
+
+
+def _run(args: argparse.Namespace) -> int:
+    problem = _unavailable()
+    if problem:
+        print(f"bench: {problem}", file=sys.stderr)
+        return 2
+    with _on_sink("push-relay-bench-") as (sink, work):
+        return _phases(args, sink, work)
 
 
 def _phases(args: argparse.Namespace, sink: Sink, work: Path) -> int:

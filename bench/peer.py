@@ -28,11 +28,9 @@ import base64
 import json
 import os
 import secrets
-import shutil
 import socket
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -40,7 +38,6 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import bench_push as bench
-from sink import Sink, available
 
 SYGNAL = "Sygnal, 64 concurrent (HTTP/1.1 JSON)"
 APP_ID = bench.TOPIC
@@ -182,24 +179,17 @@ async def _sygnal_load(args: argparse.Namespace) -> dict[str, float]:
 
 
 def _ratios(rows: dict[str, dict[str, float]]) -> None:
-    def rate(name: str) -> float:
-        return rows[name]["rate"] if name in rows else 0.0
-
-    bare = [rate(bench.BARE_AIOAPNS), rate(bench.BARE_AIOAPNS + bench.AGAIN)]
-    bare_mean = sum(bare) / len(bare)
-    sygnal = rate(SYGNAL)
-    print(f"  relay Send (64) / Sygnal (64): {rate(bench.RELAY_UNARY) / sygnal:.2f}")
-    print(f"  relay SendStream / Sygnal: {rate(bench.RELAY_STREAM) / sygnal:.2f}")
-    runs = f"runs {bare[0]:.0f} and {bare[1]:.0f}/s"
-    print(f"  Sygnal / bare aioapns ({runs}): {sygnal / bare_mean:.2f}")
-    print(f"  relay Send / bare aioapns: {rate(bench.RELAY_UNARY) / bare_mean:.2f}")
-    print(f"  relay SendStream / bare aioapns: {rate(bench.RELAY_STREAM) / bare_mean:.2f}")
+    bench._ratio(rows, bench.RELAY_UNARY, SYGNAL, "-")
+    bench._ratio(rows, bench.RELAY_STREAM, SYGNAL, "-")
+    bench._ratio(rows, SYGNAL, bench.BARE_AIOAPNS, "-")
+    bench._ratio(rows, bench.RELAY_UNARY, bench.BARE_AIOAPNS, "≥ 0.8")
+    bench._ratio(rows, bench.RELAY_STREAM, bench.BARE_AIOAPNS, "≥ 1.2")
 
 
 def _run(args: argparse.Namespace) -> int:
-    problem = available()
+    problem = bench._unavailable()
     if problem:
-        print(f"peer: {problem}; `make bench` installs it", file=sys.stderr)
+        print(f"peer: {problem}", file=sys.stderr)
         return 2
     if not args.sygnal_python or not Path(args.sygnal_python).is_file():
         where = args.sygnal_python or "--sygnal-python (SYGNAL_PYTHON= for make)"
@@ -207,36 +197,32 @@ def _run(args: argparse.Namespace) -> int:
             f"peer: no Python at {where}; see bench/peer.py on installing Sygnal", file=sys.stderr
         )
         return 2
-    work = Path(tempfile.mkdtemp(prefix="push-relay-peer-"))
-    try:
-        with Sink(bench._free_port(), core=int(bench.SIDE_CORE)) as sink:
-            grpc_port, http_port, sygnal_port = (bench._free_port() for _ in range(3))
-            config, spec = bench._write_config(sink, work, grpc_port, http_port)
-            sygnal_config = _sygnal_config(work, json.loads(spec.read_text()), sygnal_port)
-            args.target = f"127.0.0.1:{grpc_port}"
-            print(
-                f"peer: {args.warmup:g} s warm-up + {args.seconds:g} s per phase; sink nginx on "
-                f"core {bench.SIDE_CORE}; bare aioapns, the relay and Sygnal on core "
-                f"{bench.RELAY_CORE}, each alone there; load generators on core {bench.SIDE_CORE}"
-            )
-            for round_ in range(1, args.rounds + 1):
-                print(f"\nround {round_}:")
-                run = bench.Run(args, sink, spec)
-                run.phase(bench.BARE_AIOAPNS, "aioapns", 100)
-                relay, _ = bench._start_relay(config, http_port)
-                try:
-                    run.phase(bench.RELAY_STREAM, "stream", 100, app="chat-ios", relay=relay.pid)
-                    run.phase(bench.RELAY_UNARY, "unary", 64, app="chat-ios", relay=relay.pid)
-                finally:
-                    relay.terminate()
-                    relay.wait(15)
-                _sygnal_phase(run, args, sygnal_config, work, sygnal_port)
-                run.phase(bench.BARE_AIOAPNS + bench.AGAIN, "aioapns", 100)
-                print("ratios (same sink, same core):")
-                _ratios(run.rows)
-        return 0
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
+    with bench._on_sink("push-relay-peer-") as (sink, work):
+        grpc_port, http_port, sygnal_port = (bench._free_port() for _ in range(3))
+        config, spec = bench._write_config(sink, work, grpc_port, http_port)
+        sygnal_config = _sygnal_config(work, json.loads(spec.read_text()), sygnal_port)
+        args.target = f"127.0.0.1:{grpc_port}"
+        print(
+            f"peer: {args.warmup:g} s warm-up + {args.seconds:g} s per phase; sink nginx on "
+            f"core {bench.SIDE_CORE}; bare aioapns, the relay and Sygnal on core "
+            f"{bench.RELAY_CORE}, each alone there; load generators on core {bench.SIDE_CORE}"
+        )
+        for round_ in range(1, args.rounds + 1):
+            print(f"\nround {round_}:")
+            run = bench.Run(args, sink, spec)
+            run.phase(bench.BARE_AIOAPNS, "aioapns", 100)
+            relay, _ = bench._start_relay(config, http_port)
+            try:
+                run.phase(bench.RELAY_STREAM, "stream", 100, app="chat-ios", relay=relay.pid)
+                run.phase(bench.RELAY_UNARY, "unary", 64, app="chat-ios", relay=relay.pid)
+            finally:
+                relay.terminate()
+                relay.wait(15)
+            _sygnal_phase(run, args, sygnal_config, work, sygnal_port)
+            run.phase(bench.BARE_AIOAPNS + bench.AGAIN, "aioapns", 100)
+            print("ratios (same sink, same core):")
+            _ratios(run.rows)
+    return 0
 
 
 def main() -> int:
